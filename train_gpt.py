@@ -436,7 +436,8 @@ def eval_val(args: Hyperparameters, model: nn.Module, device: torch.device, val_
     first, last = total_seqs * args.rank // args.world_size, total_seqs * (args.rank + 1) // args.world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
     model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    # no_grad, not inference_mode: caches built here (RoPE tables) are reused by training
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for s in range(first, last, batch_seqs):
             e = min(s + batch_seqs, last)
             chunk = val_tokens[s * seq_len : e * seq_len + 1].to(device, non_blocking=True)

@@ -1,0 +1,214 @@
+"""Quality benchmark: does a hybrid configuration beat the plain host at equal steps and equal time?
+
+Trains each configuration with identical hyperparameters, data and seeds by running train_gpt.py
+(one subprocess per run, seed-major order so machine noise hits every configuration alike), then
+writes a markdown table, a JSON file of every number and a plot (val_bpb against step and against
+training time, one line per configuration, mean over seeds).
+
+    python tools/bench_quality.py                                   # hymba vs baseline, 2 seeds, CPU preset
+    python tools/bench_quality.py --configs baseline,hymba,merge_mean --seeds 1,2,3 --out bench/ablate
+
+Data: the built-in corpus (tools/make_dataset.py), tokenized with the challenge's
+fineweb_1024_bpe.model when ../shared/tokenizers/ has it (a tokenizer trained on the corpus
+otherwise), or --data/--tokenizer for existing shards. "Equal time" compares every run's val_bpb,
+interpolated along its validation curve, at the shortest total training time among the
+configurations; it is only as good as the machine is quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from logparse import final_numbers, parse_log  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "fineweb_1024_bpe.model"
+
+# A model a 2-core CPU trains in about a minute; one hybrid layer of four is a real share of it.
+PRESETS = {
+    "cpu": dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
+                TRAIN_BATCH_TOKENS=8192, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=25),
+    "smoke": dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TRAIN_SEQ_LEN=64,
+                  TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=8192, ITERATIONS=6, WARMDOWN_ITERS=2, VAL_LOSS_EVERY=3),
+}
+COMMON = dict(WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=50)
+
+# name -> env overrides on top of the preset; every hybrid config is one change from `hymba`.
+CONFIGS = {
+    "baseline": {},
+    "hymba": dict(HYMBA_LAYERS="2"),
+    "layer0": dict(HYMBA_LAYERS="0"),
+    "layer3": dict(HYMBA_LAYERS="3"),
+    "layers_all": dict(HYMBA_LAYERS="0,1,2,3"),
+    "state8": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="8"),
+    "state32": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="32"),
+    "merge_mean": dict(HYMBA_LAYERS="2", HYMBA_MERGE="mean"),
+    "merge_concat": dict(HYMBA_LAYERS="2", HYMBA_MERGE="concat"),
+    "meta16": dict(HYMBA_LAYERS="2", HYMBA_META_TOK="16"),
+    "conv0": dict(HYMBA_LAYERS="2", HYMBA_CONV="0"),
+    "conv4": dict(HYMBA_LAYERS="2", HYMBA_CONV="4"),
+    "gate0": dict(HYMBA_LAYERS="2", HYMBA_GATE="0"),
+    "gate1": dict(HYMBA_LAYERS="2", HYMBA_GATE="1"),
+    "chunk32": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="32"),
+    "chunk128": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="128"),
+    # SSM head share needs attention heads divisible by KV heads: with one KV head any split is valid
+    "kv1_baseline": dict(NUM_KV_HEADS=1),
+    "kv1_ssm1": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="1"),
+    "kv1_ssm2": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="2"),
+    "kv1_ssm3": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="3"),
+}
+
+
+def build_data(cache: Path) -> tuple[Path, Path]:
+    """Shards of the built-in corpus in `cache` (made once, reused)."""
+    data, tokenizer = cache / "datasets" / "builtin_sp1024", cache / "tokenizers" / "builtin_1024_bpe.model"
+    if not (data / "fineweb_val_000000.bin").exists():
+        if SHARED_TOKENIZER.exists():
+            tokenizer.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.write_bytes(SHARED_TOKENIZER.read_bytes())
+            tok_args = ["--tokenizer", str(tokenizer)]
+        else:
+            tok_args = ["--vocab-size", "1024", "--tokenizer-out", str(tokenizer)]
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_dataset.py"), "--out", str(data), *tok_args, "--force", "--quiet"], check=True)
+    return data, tokenizer
+
+
+def run_one(name: str, seed: int, env_over: dict, out: Path, reuse: bool) -> dict:
+    run_dir = out / "runs" / f"{name}_s{seed}"
+    log = run_dir / "logs" / "run.txt"
+    if not (reuse and log.exists() and "roundtrip_exact" in parse_log(log)):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYMBA_")}
+        env.update({k: str(v) for k, v in env_over.items()}, SEED=str(seed), RUN_ID="run")
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=run_dir, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        print(f"  {name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    run = parse_log(log)
+    return {"config": name, "seed": seed, "curve": run["val"], "params": run["model_params"], **final_numbers(run)}
+
+
+def interpolate(curve: list, t_ms: float) -> float:
+    """val_bpb at training time t_ms, linear between validation points."""
+    points = [(c[3], c[2]) for c in curve]
+    for (t0, b0), (t1, b1) in zip(points, points[1:]):
+        if t0 <= t_ms <= t1:
+            return b0 + (b1 - b0) * (t_ms - t0) / max(t1 - t0, 1e-9)
+    return points[-1][1] if t_ms >= points[-1][0] else points[0][1]
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (with 2 seeds, the distance from the mean to either seed)."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def summarize(runs: list[dict], names: list[str]) -> tuple[list[dict], float]:
+    by = {n: [r for r in runs if r["config"] == n] for n in names}
+    t_equal = min(statistics.fmean(r["train_ms"] for r in rs) for rs in by.values())
+    rows = []
+    for n, rs in by.items():
+        rows.append(dict(config=n, seeds=len(rs), params=rs[0]["params"], bytes_total=max(r["bytes_total"] for r in rs),
+                         step_ms=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs),
+                         pre=mean_spread([r["pre_quant_val_bpb"] for r in rs]), post=mean_spread([r["val_bpb"] for r in rs]),
+                         at_time=mean_spread([interpolate(r["curve"], t_equal) for r in rs])))
+    return rows, t_equal
+
+
+def markdown(rows: list[dict], t_equal: float, header: str) -> str:
+    base = next((r for r in rows if r["config"] == "baseline"), rows[0])
+    fmt = lambda ms: f"{ms[0]:.4f} ± {ms[1]:.4f}"
+    lines = [header, "",
+             f"val_bpb: mean ± half-range over seeds. Equal steps: the last step; equal time: {t_equal / 1000:.1f} s of training "
+             f"(the shortest configuration), interpolated along each run's validation curve. Δ is against `{base['config']}`.", "",
+             "| config | params | step ms (ratio) | val_bpb pre-quant (equal steps) | val_bpb int8 roundtrip (equal steps) | Δ roundtrip | val_bpb at equal time | Δ equal time | artifact bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['params']:,} | {r['step_ms']:.0f} ({r['step_ms'] / base['step_ms']:.2f}x) | {fmt(r['pre'])} | "
+                     f"{fmt(r['post'])} | {r['post'][0] - base['post'][0]:+.4f} | {fmt(r['at_time'])} | "
+                     f"{r['at_time'][0] - base['at_time'][0]:+.4f} | {r['bytes_total']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for n in names:
+        rs = [r for r in runs if r["config"] == n]
+        k = min(len(r["curve"]) for r in rs)
+        steps = [rs[0]["curve"][j][0] for j in range(k)]
+        bpb = [statistics.fmean(r["curve"][j][2] for r in rs) for j in range(k)]
+        secs = [statistics.fmean(r["curve"][j][3] for r in rs) / 1000 for j in range(k)]
+        ax_step.plot(steps, bpb, marker=".", label=n)
+        ax_time.plot(secs, bpb, marker=".", label=n)
+    for ax, xlabel in ((ax_step, "step"), (ax_time, "training time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val_bpb (mean over seeds)")
+        ax.grid(alpha=0.3)
+        lo = min(statistics.fmean(r["curve"][-1][2] for r in runs if r["config"] == n) for n in names)
+        ax.set_ylim(lo - 0.05, lo + 1.0)
+    ax_time.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="baseline,hymba", help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--seeds", default="1337,1338", help="comma-separated seeds (default: 1337,1338)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and run length (default: cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra env var for every run (repeatable)")
+    p.add_argument("--data", type=Path, help="shard folder (default: the built-in corpus, built into --out/cache)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer .model for --data")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "quality", help="output folder (default: bench/quality)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs already in --out/runs")
+    args = p.parse_args(argv)
+
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        p.error(f"--configs {args.configs!r}: unknown {unknown}; valid: {', '.join(CONFIGS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    extra = dict(kv.split("=", 1) for kv in args.set if "=" in kv)
+    if len(extra) != len(args.set):
+        p.error(f"--set {args.set}: expected KEY=VALUE")
+    if (args.data is None) != (args.tokenizer is None):
+        p.error("--data and --tokenizer go together")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, tokenizer = (args.data, args.tokenizer) if args.data else build_data(args.out / "cache")
+
+    base_env = {**PRESETS[args.preset], **COMMON, **extra, "DATA_PATH": data.resolve(), "TOKENIZER_PATH": tokenizer.resolve()}
+    runs = []
+    for seed in seeds:
+        for n in names:
+            runs.append(run_one(n, seed, {**base_env, **CONFIGS[n]}, args.out, args.reuse))
+    rows, t_equal = summarize(runs, names)
+    same_as_challenge = SHARED_TOKENIZER.exists() and tokenizer.read_bytes() == SHARED_TOKENIZER.read_bytes()
+    header = (f"## Quality: {', '.join(names)} ({len(seeds)} seeds, preset `{args.preset}`)\n\n"
+              f"Command: `python tools/bench_quality.py --configs {args.configs} --seeds {args.seeds} --preset {args.preset}"
+              + "".join(f" --set {kv}" for kv in args.set) + (f" --data {args.data} --tokenizer {args.tokenizer}" if args.data else "")
+              + f" --out {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`\n\n"
+              f"Data: `{data.name}` (tokenizer `{tokenizer.name}`{', the challenge sp1024 model' if same_as_challenge else ''}). "
+              f"Settings: {', '.join(f'{k}={v}' for k, v in {**PRESETS[args.preset], **COMMON, **extra}.items())}.")
+    table = markdown(rows, t_equal, header)
+    (args.out / "results.md").write_text(table, encoding="utf-8")
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "t_equal_ms": t_equal, "runs": runs}, indent=1), encoding="utf-8")
+    plot(runs, names, args.out / "quality.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
