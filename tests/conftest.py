@@ -1,0 +1,165 @@
+"""Shared test helpers: a shard writer, a self-trained tokenizer, a small shard dataset, and a clean
+environment for running train_gpt.py as a subprocess."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+sys.path.insert(0, str(REPO))
+
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+
+
+def write_shard(path, tokens, *, magic: int = SHARD_MAGIC, version: int = SHARD_VERSION, count: int | None = None) -> Path:
+    """A challenge shard: 256 little-endian int32 (magic, version, token count, zeros) + uint16 tokens."""
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16))
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, tokens.size if count is None else count
+    path = Path(path)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    return path
+
+
+def corpus_docs() -> list[str]:
+    """~465 KB of English technical prose (the Python docs' help topics), in a fixed order."""
+    import pydoc_data.topics as topics
+    return [topics.topics[k] for k in sorted(topics.topics)]
+
+
+def train_tokenizer(lines: list[str], vocab_size: int = 512) -> bytes:
+    """The challenge's SentencePiece settings (golf_conventions 1.2), trained in memory."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=0.999, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
+        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
+        minloglevel=2, num_threads=1, seed_sentencepiece_size=100_000)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    lines = [line for doc in corpus_docs() for line in doc.splitlines() if line.strip()]
+    path = tmp_path_factory.mktemp("tokenizer") / "golf_512_bpe.model"
+    path.write_bytes(train_tokenizer(lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp(tokenizer_path) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+
+def real_tokenizer(vocab: int) -> spm.SentencePieceProcessor:
+    path = TOKENIZERS / f"fineweb_{vocab}_bpe.model"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+VAL_DOCS = 8  # the first docs are val, the rest train (like the challenge's export)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, sp, tokenizer_path) -> dict:
+    """Shards of the corpus as the challenge stores them: each doc is [BOS] + encode(text), packed;
+    one val shard and two train shards. Returns the paths and VOCAB_SIZE for train_gpt.py."""
+    root = tmp_path_factory.mktemp("data")
+    data = root / "datasets" / "golf"
+    data.mkdir(parents=True)
+    docs = corpus_docs()
+    streams = [np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]) for part in (docs[:VAL_DOCS], docs[VAL_DOCS:])]
+    val, train = streams
+    write_shard(data / "fineweb_val_000000.bin", val)
+    half = train.size // 2
+    write_shard(data / "fineweb_train_000000.bin", train[:half])
+    write_shard(data / "fineweb_train_000001.bin", train[half:])
+    return dict(data_path=data, tokenizer_path=tokenizer_path, vocab_size=sp.vocab_size(), val_tokens=val.size, train_tokens=train.size)
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+def _train_gpt_env_names() -> set[str]:
+    """Every env var train_gpt.py reads, taken from its source so new settings are dropped too."""
+    src = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    names = set(re.findall(r'\b(?:env|flag)\(\s*"([A-Z0-9_]+)"', src))
+    names |= set(re.findall(r'os\.environ(?:\.get\(|\[)\s*"([A-Z0-9_]+)"', src))
+    return names | {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+
+
+def clean_env(**settings) -> dict[str, str]:
+    """os.environ without the caller's HYMBA_* and train_gpt settings, plus `settings`. One OpenMP
+    thread per process (what torchrun sets): 1- and 2-process runs do the same arithmetic, and a run
+    does not crawl when the shared cores are busy."""
+    drop = _train_gpt_env_names()
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("HYMBA_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
+@pytest.fixture
+def hparams(monkeypatch):
+    """make(**env) -> train_gpt.Hyperparameters read from exactly these env settings."""
+    import train_gpt
+
+    def make(**settings):
+        for name in list(os.environ):
+            if name in _train_gpt_env_names() or name.startswith("HYMBA_"):
+                monkeypatch.delenv(name)
+        for name, value in settings.items():
+            monkeypatch.setenv(name, str(value))
+        return train_gpt.Hyperparameters()
+    return make
+
+
+def run_train_gpt(cwd: Path, settings: dict, *, nproc: int = 1, timeout: float = 180) -> str:
+    """Run train_gpt.py (under torch.distributed.run when nproc > 1) in `cwd`; return its output.
+    A failure or timeout fails the test and shows what the run printed."""
+    script = str(REPO / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=clean_env(**settings), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s\n--- stdout\n{out}\n--- stderr\n{err}")
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc.stdout
+
+
+def tiny_config(dataset: dict, run_id: str, **overrides) -> dict:
+    """A 2-layer, 96-wide GPT on the test shards, with a deterministic schedule (no wallclock cap) and
+    no compile. MLP_MULT=8 makes the MLP matrices 768x96 = 73,728 > 65,536 numel, so the export
+    quantizes them to int8 (everything else is small enough to pass through)."""
+    cfg = dict(
+        DATA_PATH=dataset["data_path"], TOKENIZER_PATH=dataset["tokenizer_path"], VOCAB_SIZE=dataset["vocab_size"],
+        RUN_ID=run_id, SEED=1337, NUM_LAYERS=2, MODEL_DIM=96, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=8,
+        TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=8192, VAL_BATCH_SIZE=8192, ITERATIONS=40, WARMUP_STEPS=2,
+        WARMDOWN_ITERS=10, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=10, MAX_WALLCLOCK_SECONDS=0, TORCH_COMPILE=0,
+        COMPRESSOR="zlib",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+NUM = r"(-?[\d.]+(?:e[-+]?\d+)?|nan|inf)"  # a logged number
+
+
+def grab(pattern: str, text: str) -> list[tuple[float, ...]]:
+    """Every match of `pattern` in `text`, its groups as floats; write {n} for a logged number."""
+    found = re.findall(pattern.replace("{n}", NUM), text, flags=re.M)
+    return [tuple(float(g) for g in (m if isinstance(m, tuple) else (m,))) for m in found]
