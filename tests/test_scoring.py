@@ -142,6 +142,14 @@ def test_eval_val_bpb_is_loss_over_ln2_times_tokens_per_byte(sp):
     assert val_bpb == pytest.approx(2.75 / math.log(2) * targets / nbytes, rel=1e-12, abs=0)
 
 
+def test_eval_val_counts_no_space_byte_after_a_boundary(sp):
+    the, a = sp.piece_to_id("\u2581the"), sp.piece_to_id("a")
+    tokens = torch.tensor([sp.bos_id(), the, a, the, sp.eos_id(), the])  # target bytes 3, 1, 4, 0, 3
+    luts = train_gpt.build_sentencepiece_luts(sp, sp.vocab_size(), CPU)
+    val_loss, val_bpb = train_gpt.eval_val(eval_args(seq_len=5, val_batch_size=8 * 5), ConstantLoss(1.0), CPU, tokens, luts)
+    assert val_bpb == pytest.approx(1.0 / math.log(2) * 5 / 11, rel=1e-12)
+
+
 @pytest.mark.parametrize("val_batch_size", [8 * 16, 8 * 48, 8 * 10_000])  # 1 sequence, 3, all per batch
 def test_eval_val_scores_every_target_once(sp, val_batch_size):
     tokens = shard_stream(sp, corpus_docs()[:2])
