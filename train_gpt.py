@@ -544,6 +544,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+setup_done = False  # errors after it are bugs and keep their traceback
+
+
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """Linear warmdown to 0 over the last WARMDOWN_ITERS steps, predicted from step time under a cap."""
     if args.warmdown_iters <= 0:
@@ -558,6 +561,7 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 @record
 def main():
+    global setup_done
     args = Hyperparameters()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", args.local_rank) if use_cuda else torch.device("cpu")
@@ -582,6 +586,12 @@ def main():
     pending: list[str] = []  # hybrid-layer lines wait until the source heads the log
     args.log = pending.append
     base_model, code_files = build_model(args, device)  # config errors surface here, before any data is read
+    sp = load_tokenizer(args)
+    luts = build_sentencepiece_luts(sp, args.vocab_size, device)
+    train_files = find_shards(args.train_files)
+    load_data_shard(train_files[0], args.vocab_size)  # and the first train shard's token ids
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    setup_done = True  # config and data are checked: only now are logs/ and artifacts written
     sources = [Path(f).read_text(encoding="utf-8") for f in code_files]
     if master:
         os.makedirs("logs", exist_ok=True)
@@ -595,10 +605,6 @@ def main():
     for line in pending:
         log0(line)
 
-    sp = load_tokenizer(args)
-    luts = build_sentencepiece_luts(sp, args.vocab_size, device)
-    train_files = find_shards(args.train_files)
-    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
     log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     log0(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
     log0(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
@@ -736,4 +742,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad config or data: one line, exit 2
+        if setup_done:
+            raise
+        print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
