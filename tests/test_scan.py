@@ -1,0 +1,119 @@
+"""The chunked SSD scan against the step-by-step recurrence: exactness in fp64, gradients, fp32 accuracy,
+state carrying, and tracing under torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+from hymba_layer import ssd_scan, ssd_scan_reference
+
+
+def inputs(b=2, T=100, H=4, P=8, G=2, N=5, log_a_low=-3.0, log_a_high=0.0, dtype=torch.float64, seed=0, state=False):
+    """x, log_a (uniform in [log_a_low, log_a_high]), B, C and optionally an initial state."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, T, H, P, generator=g, dtype=dtype)
+    log_a = log_a_low + (log_a_high - log_a_low) * torch.rand(b, T, H, generator=g, dtype=dtype)
+    B, C = torch.randn(b, T, G, N, generator=g, dtype=dtype), torch.randn(b, T, G, N, generator=g, dtype=dtype)
+    s0 = torch.randn(b, H, P, N, generator=g, dtype=dtype) if state else None
+    return x, log_a, B, C, s0
+
+
+def max_rel_error(a, ref):
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64, 128])
+@pytest.mark.parametrize("T", [1, 63, 100, 200])
+def test_matches_reference_fp64_for_any_length_and_chunk(T, chunk):
+    x, log_a, B, C, _ = inputs(T=T)
+    y, s = ssd_scan(x, log_a, B, C, chunk)
+    y_ref, s_ref = ssd_scan_reference(x, log_a, B, C)
+    assert y.shape == x.shape and s.shape == (2, 4, 8, 5)
+    assert y.dtype == s.dtype == torch.float64
+    assert max_rel_error(y, y_ref) < 1e-12
+    assert max_rel_error(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize("low,high", [(-20.0, -5.0), (-20.0, 0.0), (-1e-4, 0.0), (0.0, 0.0)], ids=["strong", "mixed", "near_zero", "none"])
+def test_matches_reference_fp64_across_decay_strengths(low, high):
+    """log_a down to -20 per step (the state is forgotten at once) and up to 0 (kept forever)."""
+    x, log_a, B, C, s0 = inputs(T=150, log_a_low=low, log_a_high=high, state=True)
+    y, s = ssd_scan(x, log_a, B, C, 64, initial_state=s0)
+    y_ref, s_ref = ssd_scan_reference(x, log_a, B, C, initial_state=s0)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    assert max_rel_error(y, y_ref) < 1e-12
+    assert max_rel_error(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_groups_share_B_and_C(G):
+    """Head h reads group h // (H/G): equal to giving every head its own copy of its group's B, C."""
+    x, log_a, B, C, s0 = inputs(T=80, H=4, G=G, state=True)
+    y, s = ssd_scan(x, log_a, B, C, 32, initial_state=s0)
+    y_heads, s_heads = ssd_scan(x, log_a, B.repeat_interleave(4 // G, 2), C.repeat_interleave(4 // G, 2), 32, initial_state=s0)
+    y_ref, _ = ssd_scan_reference(x, log_a, B, C, initial_state=s0)
+    assert max_rel_error(y, y_heads) < 1e-12 and max_rel_error(s, s_heads) < 1e-12
+    assert max_rel_error(y, y_ref) < 1e-12
+
+
+def test_initial_state_decays_into_the_output():
+    """With zero input the output is exactly exp(sum of log_a up to t) * S0 C_t."""
+    x, log_a, B, C, s0 = inputs(T=70, state=True)
+    y, s = ssd_scan(torch.zeros_like(x), log_a, B, C, 16, initial_state=s0)
+    decay = log_a.cumsum(1).exp()  # (b, T, H)
+    expected = decay[..., None] * torch.einsum("bhpn,bthn->bthp", s0, C.repeat_interleave(2, 2))
+    assert max_rel_error(y, expected) < 1e-12
+    assert max_rel_error(s, decay[:, -1, :, None, None] * s0) < 1e-12
+
+
+def test_gradcheck_all_inputs():
+    x, log_a, B, C, s0 = inputs(b=1, T=7, H=2, P=2, G=1, N=3, log_a_low=-2.0, state=True)
+    args = [t.requires_grad_() for t in (x, log_a, B, C, s0)]
+    assert torch.autograd.gradcheck(lambda x, a, B, C, s0: ssd_scan(x, a, B, C, 4, initial_state=s0), args)
+
+
+def test_gradients_finite_under_strong_decay():
+    """The -inf above the segment-sum diagonal must not leak nan into the backward pass."""
+    x, log_a, B, C, s0 = inputs(T=64, log_a_low=-20.0, dtype=torch.float32, state=True)
+    args = [t.requires_grad_() for t in (x, log_a, B, C, s0)]
+    y, s = ssd_scan(*args[:4], 16, initial_state=args[4])
+    (y.square().sum() + s.square().sum()).backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in args)
+
+
+def test_float32_long_sequence_accuracy():
+    """fp32 at T=1024, chunk 64: max |y - y_ref| / max |y_ref| < 1e-4, the reference in fp64. The
+    decays mix fast-forgetting heads (log_a near -5) with slow ones (near 0)."""
+    x, log_a, B, C, s0 = inputs(b=1, T=1024, H=4, P=16, G=2, N=16, log_a_low=-5.0, dtype=torch.float64, state=True)
+    log_a[..., :2] *= 1e-3  # two heads keep their state for hundreds of steps
+    y_ref, s_ref = ssd_scan_reference(x, log_a, B, C, initial_state=s0)
+    y, s = ssd_scan(*(t.float() for t in (x, log_a, B, C)), 64, initial_state=s0.float())
+    assert y.dtype == torch.float32
+    assert max_rel_error(y, y_ref) < 1e-4
+    assert max_rel_error(s, s_ref) < 1e-4
+
+
+def test_carrying_the_final_state_splits_a_sequence():
+    x, log_a, B, C, s0 = inputs(T=150, state=True)
+    y, s = ssd_scan(x, log_a, B, C, 32, initial_state=s0)
+    y1, s1 = ssd_scan(x[:, :70], log_a[:, :70], B[:, :70], C[:, :70], 32, initial_state=s0)
+    y2, s2 = ssd_scan(x[:, 70:], log_a[:, 70:], B[:, 70:], C[:, 70:], 32, initial_state=s1)
+    assert max_rel_error(torch.cat([y1, y2], 1), y) < 1e-12
+    assert max_rel_error(s2, s) < 1e-12
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    x, log_a, B, C, s0 = inputs(T=100, dtype=torch.float32, state=True)
+    compiled = torch.compile(ssd_scan, fullgraph=True, backend="aot_eager")
+    y, s = compiled(x, log_a, B, C, 32, initial_state=s0)
+    y_eager, s_eager = ssd_scan(x, log_a, B, C, 32, initial_state=s0)
+    assert max_rel_error(y, y_eager) < 1e-6 and max_rel_error(s, s_eager) < 1e-6
+    y_none, _ = compiled(x, log_a, B, C, 32)  # no initial state: zeros
+    assert max_rel_error(y_none, ssd_scan_reference(x, log_a, B, C)[0]) < 1e-4
+
+
+def test_bfloat16_inputs_keep_dtype_and_stay_close():
+    """Matmuls in bf16, decays in fp32: y comes back bf16, within bf16 rounding of the reference."""
+    x, log_a, B, C, _ = inputs(T=256, log_a_low=-1.0)
+    y, s = ssd_scan(x.bfloat16(), log_a.float(), B.bfloat16(), C.bfloat16(), 64)
+    y_ref, _ = ssd_scan_reference(x, log_a, B, C)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert max_rel_error(y, y_ref) < 0.05
