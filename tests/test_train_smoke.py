@@ -15,8 +15,9 @@ ITERATIONS = 40
 def run(dataset, tmp_path_factory):
     """One 40-step zlib run, validated at step 0 and at the end; shared by the tests below."""
     cwd = tmp_path_factory.mktemp("smoke")
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")  # the code the run reads
     stdout = run_train_gpt(cwd, tiny_config(dataset, "smoke", ITERATIONS=ITERATIONS, VAL_LOSS_EVERY=ITERATIONS))
-    return dict(cwd=cwd, stdout=stdout, log=(cwd / "logs" / "smoke.txt").read_text(encoding="utf-8"))
+    return dict(cwd=cwd, source=source, stdout=stdout, log=(cwd / "logs" / "smoke.txt").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,7 @@ def test_final_val_bpb_is_well_below_step_zero(run):
 
 
 def test_log_starts_with_the_source_and_holds_every_final_line(run):
-    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
-    log = run["log"]
+    source, log = run["source"], run["log"]
     assert log.startswith(source + "\n" + "=" * 100 + "\n")
     for prefix in ["Serialized model: ", "Code size: ", "Total submission size: ", "Serialized model int8+zlib: ",
                    "Total submission size int8+zlib: ", "final_int8_zlib_roundtrip val_loss:", "final_int8_zlib_roundtrip_exact val_loss:"]:
@@ -57,7 +57,7 @@ def test_log_starts_with_the_source_and_holds_every_final_line(run):
 
 
 def test_artifact_plus_code_bytes_is_the_logged_total(run):
-    code_bytes = len((REPO / "train_gpt.py").read_text(encoding="utf-8").encode("utf-8"))
+    code_bytes = len(run["source"].encode("utf-8"))
     ptz = run["cwd"] / "final_model.int8.ptz"
     [(logged_code,)] = grab(r"^Code size: (\d+) bytes$", run["log"])
     [(logged_model,)] = grab(r"^Serialized model int8\+zlib: (\d+) bytes", run["log"])
