@@ -60,15 +60,16 @@ class HymbaConfig:
             return value
 
         n, heads, kv_heads = args.num_layers, args.num_heads, args.num_kv_heads
-        layers = read("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < n for i in v),
-                      f"distinct comma-separated block indices in 0..{n - 1}", parse=lambda s: tuple(int(i) for i in s.split(",")))
+        layers = tuple(sorted(read("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < n for i in v),
+                                   f"distinct comma-separated block indices in 0..{n - 1}", parse=lambda s: tuple(int(i) for i in s.split(",")))))
+        adjacent = any(j - i == 1 for i, j in zip(layers, layers[1:]))
         # attention keeps a multiple of NUM_KV_HEADS heads (GQA); the default gives the SSM about half
         splits = [s for s in range(1, heads) if (heads - s) % kv_heads == 0]
         ssm_heads = read("HYMBA_SSM_HEADS", heads - kv_heads * math.ceil(heads / 2 / kv_heads), lambda v: v in splits,
                          f"one of {splits} (NUM_HEADS={heads} minus the SSM heads must be a positive multiple of NUM_KV_HEADS={kv_heads})")
         attn_width = (heads - ssm_heads) * (args.model_dim // heads)
         return cls(
-            layers=tuple(sorted(layers)),
+            layers=layers,
             ssm_heads=ssm_heads,
             ssm_state=read("HYMBA_SSM_STATE", cls.ssm_state, lambda v: v > 0, "a positive int"),
             scan_chunk=read("HYMBA_SCAN_CHUNK", cls.scan_chunk, lambda v: v > 0, "a positive int"),
@@ -78,7 +79,7 @@ class HymbaConfig:
             merge=read("HYMBA_MERGE", cls.merge, lambda v: v == "concat" or (v == "mean" and attn_width % ssm_heads == 0),
                        f"concat or mean (mean needs the attention width {attn_width} divisible by the SSM heads {ssm_heads})", parse=str),
             meta_tok=read("HYMBA_META_TOK", cls.meta_tok, lambda v: v >= 0, "an int >= 0 (0 = off)"),
-            kv_share=bool(read("HYMBA_KV_SHARE", int(cls.kv_share), lambda v: v == 0 or (v == 1 and any(b - a == 1 for a, b in zip(sorted(layers), sorted(layers)[1:]))),
+            kv_share=bool(read("HYMBA_KV_SHARE", int(cls.kv_share), lambda v: v == 0 or (v == 1 and adjacent),
                                f"0 or 1 (1 needs two adjacent indices in HYMBA_LAYERS, got {','.join(map(str, layers))})")),
         )
 
