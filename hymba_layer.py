@@ -117,7 +117,8 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
     head h reads group h // (H/G);  initial_state (batch, H, P, N) or None for zeros.
     Returns y (batch, T, H, P) in x's dtype and the final state (batch, H, P, N) in fp32 (fp64 for fp64).
     Log-decays, their sums and their exps are fp32: every exponent is a sum of log_a <= 0, so every
-    decay lies in [0, 1] and nothing is divided by a cumulative product. Matmuls run in x's dtype.
+    decay lies in [0, 1] and nothing is divided by a cumulative product. Matmuls run in x's dtype,
+    except the fp32 hand-over of states between chunks.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
@@ -150,7 +151,7 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
         states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)
     states, final_state = states[:, :-1], states[:, -1]
 
-    # 4. outputs from the state carried into each chunk: exp(A summed over (chunk start, l]) S_start C_l
+    # 4. outputs from the state carried into each chunk: exp(A summed over the chunk up to l) S_start C_l
     Y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.to(x.dtype)) * to_steps(torch.exp(A_cumsum))
 
     y = (Y_diag + Y_off).reshape(b, c * Q, H, P)[:, :T]
