@@ -719,7 +719,7 @@ def main():
         quant_raw = torch_bytes(quant)
         blob = compress(quant_raw, args.compressor)
         write_atomic(ptz_path, blob)
-        log0(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{len(quant_raw)} payload_ratio:{payload / len(quant_raw):.2f}x)")
+        log0(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{len(quant_raw)} payload_ratio:{sum(t.numel() * t.element_size() for t in base_model.state_dict().values()) / payload:.2f}x)")
         log0(f"Total submission size {label}: {len(blob) + code_bytes} bytes")
     if args.distributed:
         dist.barrier()
