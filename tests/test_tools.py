@@ -1,6 +1,8 @@
 """The tools outside the counted files: the submission writer and the quality benchmark, on real
 (tiny) train_gpt.py runs."""
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -92,3 +94,18 @@ def test_quality_benchmark_rejects_unknown_config(capsys):
     with pytest.raises(SystemExit):
         bench_quality.main(["--configs", "baseline,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+
+def test_speed_benchmark_quick_writes_every_table(tmp_path):
+    """Timings are not asserted (a shared CPU is noisy): every table is there, activation bytes were
+    counted and the scan's error against the fp64 loop is tiny."""
+    out = tmp_path / "speed.md"
+    subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    layer, scan, chunk = out.read_text().split("\n## ")[1:]
+    rows = lambda section: [[c.strip() for c in l.split("|")[1:-1]] for l in section.splitlines() if l.startswith("| ") and "---" not in l][1:]
+    assert [r[0] for r in rows(layer)] == ["attention", "hybrid"] and all(float(r[3]) > 0 for r in rows(layer))
+    assert "hybrid / attention time: **" in layer
+    assert [r[0] for r in rows(scan)] == ["64", "256"] and all(float(r[5]) < 1e-5 for r in rows(scan))
+    assert [r[0] for r in rows(chunk)] == ["16", "64"] and min(float(r[2][:-1]) for r in rows(chunk)) == 1.0

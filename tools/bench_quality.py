@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"## Quality: {', '.join(names)} ({len(seeds)} seeds, preset `{args.preset}`)\n\n"
               f"Command: `python tools/bench_quality.py --configs {args.configs} --seeds {args.seeds} --preset {args.preset}"
               + "".join(f" --set {kv}" for kv in args.set) + (f" --data {args.data} --tokenizer {args.tokenizer}" if args.data else "")
-              + f" --out {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`\n\n"
+              + f" --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`\n\n"
               f"Data: `{data.name}` (tokenizer `{tokenizer.name}`{', the challenge sp1024 model' if same_as_challenge else ''}). "
               f"Settings: {', '.join(f'{k}={v}' for k, v in {**PRESETS[args.preset], **COMMON, **extra}.items())}.")
     table = markdown(rows, t_equal, header)

@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=15, help="timed samples per contender (median reported)")
     p.add_argument("--reps", type=int, default=5, help="fwd+bwd calls per sample")
     p.add_argument("--scan-lengths", default="256,1024,4096", help="T values for the scan comparison")
+    p.add_argument("--chunks", default="16,32,64,128,256", help="chunk sizes Q for the scan fwd+bwd comparison at T=--seq")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile(fullgraph=True) the layers and the scan (default: on for CUDA, off for CPU)")
     p.add_argument("--quick", action="store_true", help="small shapes and few samples (smoke test)")
@@ -44,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.batch, args.seq, args.dim, args.heads, args.kv_heads = 2, 128, 64, 4, 2
-        args.samples, args.reps, args.scan_lengths = 3, 1, "64,256"
+        args.samples, args.reps, args.scan_lengths, args.chunks = 3, 1, "64,256", "16,64"
     return args
 
 
@@ -75,15 +76,26 @@ def interleaved_medians(fns: dict, samples: int, reps: int, measure) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_mib(fn, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "n/a"
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
+def memory_mib(fn, device: torch.device) -> str:
+    """CUDA: peak memory allocated by one call above what was there before. CPU (no allocator
+    statistics): the bytes of the tensors autograd saves for backward - the activation memory, which
+    is what grows with batch x tokens - counted once per storage."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return f"{sum(storages.values()) / 2**20:.1f}"
 
 
 def main():
@@ -126,7 +138,7 @@ def main():
 
         steps[name] = step
     layer_ms = interleaved_medians(steps, args.samples, args.reps, measure)
-    layer_mem = {name: peak_mib(fn, device) for name, fn in steps.items()}
+    layer_mem = {name: memory_mib(fn, device) for name, fn in steps.items()}
     params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
 
     # the scan alone, forward, at the default layer's SSM shape (fewer batch rows at the longest T)
@@ -148,6 +160,25 @@ def main():
         scan_rows.append(f"| {T} | {b} x {heads} x {head_dim} x {cfg.ssm_state} | {ms['ssd_scan']:.2f} | {ms['reference']:.2f} "
                          f"| {ms['reference'] / ms['ssd_scan']:.1f}x | {err:.1e} |")
 
+    # chunk size Q: the scan is exact for any Q, so Q is a speed choice (fwd+bwd, as in training)
+    T, b = args.seq, args.batch
+    g = torch.Generator(device=device).manual_seed(1)
+    leaves = [torch.randn(b, T, heads, head_dim, device=device, generator=g).to(dtype), -torch.rand(b, T, heads, device=device, generator=g),
+              *(torch.randn(b, T, cfg.groups, cfg.ssm_state, device=device, generator=g).to(dtype) for _ in range(2))]
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def scan_step(q):
+        y, _ = scan(*leaves, q)
+        y.float().square().mean().backward()
+        for t in leaves:
+            t.grad = None
+
+    chunks = [int(q) for q in args.chunks.split(",")]
+    chunk_ms = interleaved_medians({q: (lambda q=q: scan_step(q)) for q in chunks}, max(3, args.samples // 3), args.reps, measure)
+    chunk_mem = {q: memory_mib(lambda q=q: scan_step(q), device) for q in chunks}
+    best = min(chunk_ms.values())
+    chunk_rows = [f"| {q} | {chunk_ms[q]:.2f} | {chunk_ms[q] / best:.2f}x | {chunk_mem[q]} |" for q in chunks]
+
     hymba_env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("HYMBA_") and k != "HYMBA_LAYERS")
     command = " ".join(filter(None, [hymba_env, "python", *map(shlex.quote, sys.argv)]))
     lines = [
@@ -160,7 +191,7 @@ def main():
         "",
         f"## One layer, forward + backward ({args.batch} x {args.seq} tokens, width {args.dim}, {args.heads} heads, {args.kv_heads} KV heads)",
         "",
-        "| layer | params | median ms | peak MiB |",
+        f"| layer | params | median ms | {'peak MiB' if cuda else 'saved for backward, MiB'} |",
         "|---|---|---|---|",
         *(f"| {name} | {params[name]} | {layer_ms[name]:.2f} | {layer_mem[name]} |" for name in layers),
         "",
@@ -172,6 +203,12 @@ def main():
         "| T | shape | ssd_scan ms | reference ms | speedup | max rel err |",
         "|---|---|---|---|---|---|",
         *scan_rows,
+        "",
+        f"## Scan chunk size Q, forward + backward ({b} x {T} tokens, {heads} heads x P {head_dim} x N {cfg.ssm_state})",
+        "",
+        f"| Q | median ms | vs fastest | {'peak MiB' if cuda else 'saved for backward, MiB'} |",
+        "|---|---|---|---|",
+        *chunk_rows,
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
