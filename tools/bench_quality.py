@@ -46,6 +46,7 @@ CONFIGS = {
     "hymba": dict(HYMBA_LAYERS="2"),
     "layer0": dict(HYMBA_LAYERS="0"),
     "layer3": dict(HYMBA_LAYERS="3"),
+    "layers01": dict(HYMBA_LAYERS="0,1"),
     "layers_all": dict(HYMBA_LAYERS="0,1,2,3"),
     "state8": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="8"),
     "state32": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="32"),
@@ -58,6 +59,10 @@ CONFIGS = {
     "gate1": dict(HYMBA_LAYERS="2", HYMBA_GATE="1"),
     "chunk32": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="32"),
     "chunk128": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="128"),
+    # the challenge's depth (9 blocks, U-Net skips) at the preset's width: block 4 is the middle one
+    "l9_baseline": dict(NUM_LAYERS=9),
+    "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
+    "l9_layer0": dict(NUM_LAYERS=9, HYMBA_LAYERS="0"),
     # SSM head share needs attention heads divisible by KV heads: with one KV head any split is valid
     "kv1_baseline": dict(NUM_KV_HEADS=1),
     "kv1_ssm1": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="1"),
@@ -110,30 +115,52 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
+def reference(name: str, names: list[str]) -> str:
+    """What a configuration is compared with: `<prefix>_baseline` for a family that has its own
+    (kv1_ssm2 -> kv1_baseline), else `baseline`, else the first configuration."""
+    for ref in (name.split("_")[0] + "_baseline", "baseline"):
+        if ref in names and ref != name:
+            return ref
+    return name if name == "baseline" or name.endswith("_baseline") else names[0]
+
+
 def summarize(runs: list[dict], names: list[str]) -> tuple[list[dict], float]:
-    by = {n: [r for r in runs if r["config"] == n] for n in names}
-    t_equal = min(statistics.fmean(r["train_ms"] for r in rs) for rs in by.values())
+    """Per configuration: mean ± half-range over seeds, and the paired difference to its reference
+    (same seed, so the same initialization and data): mean ± half-range, and in how many seeds it is lower."""
+    by = {n: {r["seed"]: r for r in runs if r["config"] == n} for n in names}
+    t_equal = min(statistics.fmean(r["train_ms"] for r in rs.values()) for rs in by.values())
+    at_time = lambda r: interpolate(r["curve"], t_equal)
+    post = lambda r: r["val_bpb"]
     rows = []
     for n, rs in by.items():
-        rows.append(dict(config=n, seeds=len(rs), params=rs[0]["params"], bytes_total=max(r["bytes_total"] for r in rs),
-                         step_ms=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs),
-                         pre=mean_spread([r["pre_quant_val_bpb"] for r in rs]), post=mean_spread([r["val_bpb"] for r in rs]),
-                         at_time=mean_spread([interpolate(r["curve"], t_equal) for r in rs])))
+        ref = by[reference(n, names)]
+        paired = lambda f: [f(r) - f(ref[s]) for s, r in rs.items() if s in ref]
+        rows.append(dict(config=n, reference=reference(n, names), seeds=len(rs), params=next(iter(rs.values()))["params"],
+                         bytes_total=max(r["bytes_total"] for r in rs.values()),
+                         step_ms=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values()),
+                         step_ratio=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values())
+                         / statistics.fmean(r["train_ms"] / r["step_stop"] for r in ref.values()),
+                         pre=mean_spread([r["pre_quant_val_bpb"] for r in rs.values()]), post=mean_spread([post(r) for r in rs.values()]),
+                         at_time=mean_spread([at_time(r) for r in rs.values()]),
+                         d_post=mean_spread(paired(post)), d_time=mean_spread(paired(at_time)),
+                         wins=(sum(d < 0 for d in paired(post)), sum(d < 0 for d in paired(at_time)), len(paired(post)))))
     return rows, t_equal
 
 
 def markdown(rows: list[dict], t_equal: float, header: str) -> str:
-    base = next((r for r in rows if r["config"] == "baseline"), rows[0])
     fmt = lambda ms: f"{ms[0]:.4f} ± {ms[1]:.4f}"
+    dfmt = lambda ms, won, r: "-" if r["reference"] == r["config"] else f"{ms[0]:+.4f} ± {ms[1]:.4f} ({won}/{r['wins'][2]})"
     lines = [header, "",
-             f"val_bpb: mean ± half-range over seeds. Equal steps: the last step; equal time: {t_equal / 1000:.1f} s of training "
-             f"(the shortest configuration), interpolated along each run's validation curve. Δ is against `{base['config']}`.", "",
-             "| config | params | step ms (ratio) | val_bpb pre-quant (equal steps) | val_bpb int8 roundtrip (equal steps) | Δ roundtrip | val_bpb at equal time | Δ equal time | artifact bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"val_bpb: mean ± half-range over seeds. Equal steps: after the last step; equal time: after {t_equal / 1000:.1f} s of "
+             "training (the fastest configuration's total), interpolated along each run's validation curve. Δ: the difference to the "
+             "reference configuration with the same seed (same initialization and data order), mean ± half-range, and (k/n) the "
+             "seeds in which the configuration is lower (better). Step-time ratios are against the reference too.", "",
+             "| config | vs | params | step ms (ratio) | val_bpb pre-quant | val_bpb int8 roundtrip | Δ roundtrip (equal steps) | val_bpb at equal time | Δ equal time | artifact bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['params']:,} | {r['step_ms']:.0f} ({r['step_ms'] / base['step_ms']:.2f}x) | {fmt(r['pre'])} | "
-                     f"{fmt(r['post'])} | {r['post'][0] - base['post'][0]:+.4f} | {fmt(r['at_time'])} | "
-                     f"{r['at_time'][0] - base['at_time'][0]:+.4f} | {r['bytes_total']:,} |")
+        lines.append(f"| {r['config']} | {r['reference']} | {r['params']:,} | {r['step_ms']:.0f} ({r['step_ratio']:.2f}x) | {fmt(r['pre'])} | "
+                     f"{fmt(r['post'])} | {dfmt(r['d_post'], r['wins'][0], r)} | {fmt(r['at_time'])} | "
+                     f"{dfmt(r['d_time'], r['wins'][1], r)} | {r['bytes_total']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,22 +168,24 @@ def plot(runs: list[dict], names: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for n in names:
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    for i, n in enumerate(names):
         rs = [r for r in runs if r["config"] == n]
         k = min(len(r["curve"]) for r in rs)
         steps = [rs[0]["curve"][j][0] for j in range(k)]
         bpb = [statistics.fmean(r["curve"][j][2] for r in rs) for j in range(k)]
         secs = [statistics.fmean(r["curve"][j][3] for r in rs) / 1000 for j in range(k)]
-        ax_step.plot(steps, bpb, marker=".", label=n)
-        ax_time.plot(secs, bpb, marker=".", label=n)
+        style = dict(color="black", lw=2.2) if n == "baseline" else dict(color=colors[i % 20], lw=1.2, ls=("-", "--", ":")[i // 20 % 3])
+        ax_step.plot(steps, bpb, marker=".", label=n, **style)
+        ax_time.plot(secs, bpb, marker=".", label=n, **style)
     for ax, xlabel in ((ax_step, "step"), (ax_time, "training time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val_bpb (mean over seeds)")
         ax.grid(alpha=0.3)
         lo = min(statistics.fmean(r["curve"][-1][2] for r in runs if r["config"] == n) for n in names)
-        ax.set_ylim(lo - 0.05, lo + 1.0)
-    ax_time.legend(fontsize=8)
+        ax.set_ylim(lo - 0.03, lo + 0.4)  # the second half of training, where configurations differ
+    ax_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
