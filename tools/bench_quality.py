@@ -116,8 +116,13 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def reference(name: str, names: list[str]) -> str:
-    """What a configuration is compared with: `<prefix>_baseline` for a family that has its own
-    (kv1_ssm2 -> kv1_baseline), else `baseline`, else the first configuration."""
+    """What a configuration is compared with: `hymba` for an option ablation (the same layers, one
+    HYMBA_* option changed), `<prefix>_baseline` for a family that has its own (kv1_ssm2 ->
+    kv1_baseline), else `baseline`, else the first configuration."""
+    env = CONFIGS.get(name, {})
+    if "hymba" in names and name != "hymba" and env.get("HYMBA_LAYERS") == CONFIGS["hymba"]["HYMBA_LAYERS"] and len(env) > 1 \
+            and all(k.startswith("HYMBA_") for k in env):
+        return "hymba"
     for ref in (name.split("_")[0] + "_baseline", "baseline"):
         if ref in names and ref != name:
             return ref
