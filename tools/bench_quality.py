@@ -1,4 +1,4 @@
-"""Quality benchmark: does a hybrid configuration beat the plain host at equal steps and equal time?
+"""Quality benchmark: does a hybrid configuration beat the plain host at equal steps and at equal time?
 
 Trains each configuration with identical hyperparameters, data and seeds by running train_gpt.py
 (one subprocess per run, seed-major order so machine noise hits every configuration alike), then
@@ -10,9 +10,13 @@ training time, one line per configuration, mean over seeds).
 
 Data: the built-in corpus (tools/make_dataset.py), tokenized with the challenge's
 fineweb_1024_bpe.model when ../shared/tokenizers/ has it (a tokenizer trained on the corpus
-otherwise), or --data/--tokenizer for existing shards. "Equal time" compares every run's val_bpb,
-interpolated along its validation curve, at the shortest total training time among the
-configurations; it is only as good as the machine is quiet.
+otherwise), or --data/--tokenizer for existing shards.
+
+Equal steps is the default (ITERATIONS=200, no cap). Equal time is a separate run set with the
+challenge's own mechanism, a training-time cap: `--set MAX_WALLCLOCK_SECONDS=70 --set ITERATIONS=100000`
+gives every configuration the same seconds, with its warmdown fitted to them as the host schedules it.
+(Reading a step-scheduled run's curve at a common time would compare one configuration mid-warmdown
+with another near its end.) Timings are only as good as the machine is quiet.
 """
 from __future__ import annotations
 
@@ -101,15 +105,6 @@ def run_one(name: str, seed: int, env_over: dict, out: Path, reuse: bool) -> dic
     return {"config": name, "seed": seed, "curve": run["val"], "params": run["model_params"], **final_numbers(run)}
 
 
-def interpolate(curve: list, t_ms: float) -> float:
-    """val_bpb at training time t_ms, linear between validation points."""
-    points = [(c[3], c[2]) for c in curve]
-    for (t0, b0), (t1, b1) in zip(points, points[1:]):
-        if t0 <= t_ms <= t1:
-            return b0 + (b1 - b0) * (t_ms - t0) / max(t1 - t0, 1e-9)
-    return points[-1][1] if t_ms >= points[-1][0] else points[0][1]
-
-
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and half the range (with 2 seeds, the distance from the mean to either seed)."""
     return statistics.fmean(values), (max(values) - min(values)) / 2
@@ -129,43 +124,35 @@ def reference(name: str, names: list[str]) -> str:
     return name if name == "baseline" or name.endswith("_baseline") else names[0]
 
 
-def summarize(runs: list[dict], names: list[str]) -> tuple[list[dict], float]:
+def summarize(runs: list[dict], names: list[str]) -> list[dict]:
     """Per configuration: mean ± half-range over seeds, and the paired difference to its reference
     (same seed, so the same initialization and data): mean ± half-range, and in how many seeds it is lower."""
     by = {n: {r["seed"]: r for r in runs if r["config"] == n} for n in names}
-    t_equal = min(statistics.fmean(r["train_ms"] for r in rs.values()) for rs in by.values())
-    at_time = lambda r: interpolate(r["curve"], t_equal)
-    post = lambda r: r["val_bpb"]
+    step_ms = lambda rs: statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values())
     rows = []
     for n, rs in by.items():
         ref = by[reference(n, names)]
-        paired = lambda f: [f(r) - f(ref[s]) for s, r in rs.items() if s in ref]
+        paired = [r["val_bpb"] - ref[s]["val_bpb"] for s, r in rs.items() if s in ref]
         rows.append(dict(config=n, reference=reference(n, names), seeds=len(rs), params=next(iter(rs.values()))["params"],
-                         bytes_total=max(r["bytes_total"] for r in rs.values()),
-                         step_ms=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values()),
-                         step_ratio=statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values())
-                         / statistics.fmean(r["train_ms"] / r["step_stop"] for r in ref.values()),
-                         pre=mean_spread([r["pre_quant_val_bpb"] for r in rs.values()]), post=mean_spread([post(r) for r in rs.values()]),
-                         at_time=mean_spread([at_time(r) for r in rs.values()]),
-                         d_post=mean_spread(paired(post)), d_time=mean_spread(paired(at_time)),
-                         wins=(sum(d < 0 for d in paired(post)), sum(d < 0 for d in paired(at_time)), len(paired(post)))))
-    return rows, t_equal
+                         bytes_total=max(r["bytes_total"] for r in rs.values()), steps=statistics.fmean(r["step_stop"] for r in rs.values()),
+                         step_ms=step_ms(rs), step_ratio=step_ms(rs) / step_ms(ref),
+                         pre=mean_spread([r["pre_quant_val_bpb"] for r in rs.values()]), post=mean_spread([r["val_bpb"] for r in rs.values()]),
+                         delta=mean_spread(paired), wins=(sum(d < 0 for d in paired), len(paired))))
+    return rows
 
 
-def markdown(rows: list[dict], t_equal: float, header: str) -> str:
+def markdown(rows: list[dict], header: str) -> str:
     fmt = lambda ms: f"{ms[0]:.4f} ± {ms[1]:.4f}"
-    dfmt = lambda ms, won, r: "-" if r["reference"] == r["config"] else f"{ms[0]:+.4f} ± {ms[1]:.4f} ({won}/{r['wins'][2]})"
+    delta = lambda r: "-" if r["reference"] == r["config"] else f"{r['delta'][0]:+.4f} ± {r['delta'][1]:.4f} ({r['wins'][0]}/{r['wins'][1]})"
     lines = [header, "",
-             f"val_bpb: mean ± half-range over seeds. Equal steps: after the last step; equal time: after {t_equal / 1000:.1f} s of "
-             "training (the fastest configuration's total), interpolated along each run's validation curve. Δ: the difference to the "
-             "reference configuration with the same seed (same initialization and data order), mean ± half-range, and (k/n) the "
-             "seeds in which the configuration is lower (better). Step-time ratios are against the reference too.", "",
-             "| config | vs | params | step ms (ratio) | val_bpb pre-quant | val_bpb int8 roundtrip | Δ roundtrip (equal steps) | val_bpb at equal time | Δ equal time | artifact bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "val_bpb: mean ± half-range over seeds. Δ: the int8-roundtrip val_bpb minus the reference configuration's with the "
+             "same seed (same initialization and data order), mean ± half-range, and (k/n) the seeds in which the configuration "
+             "is lower (better). Step-time ratios are against the reference too.", "",
+             "| config | vs | params | steps | step ms (ratio) | val_bpb pre-quant | val_bpb int8 roundtrip | Δ roundtrip | artifact bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['reference']} | {r['params']:,} | {r['step_ms']:.0f} ({r['step_ratio']:.2f}x) | {fmt(r['pre'])} | "
-                     f"{fmt(r['post'])} | {dfmt(r['d_post'], r['wins'][0], r)} | {fmt(r['at_time'])} | "
-                     f"{dfmt(r['d_time'], r['wins'][1], r)} | {r['bytes_total']:,} |")
+        lines.append(f"| {r['config']} | {r['reference']} | {r['params']:,} | {r['steps']:.0f} | {r['step_ms']:.0f} ({r['step_ratio']:.2f}x) | "
+                     f"{fmt(r['pre'])} | {fmt(r['post'])} | {delta(r)} | {r['bytes_total']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,17 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for n in names:
             runs.append(run_one(n, seed, {**base_env, **CONFIGS[n]}, args.out, args.reuse))
-    rows, t_equal = summarize(runs, names)
+    rows = summarize(runs, names)
     same_as_challenge = SHARED_TOKENIZER.exists() and tokenizer.read_bytes() == SHARED_TOKENIZER.read_bytes()
-    header = (f"## Quality: {', '.join(names)} ({len(seeds)} seeds, preset `{args.preset}`)\n\n"
+    settings = {**PRESETS[args.preset], **COMMON, **extra}
+    budget = (f"equal time: every run trains for {settings['MAX_WALLCLOCK_SECONDS']} s" if float(settings["MAX_WALLCLOCK_SECONDS"]) > 0
+              else f"equal steps: every run trains {settings['ITERATIONS']} steps")
+    header = (f"## Quality, {budget}: {', '.join(names)} ({len(seeds)} seeds, preset `{args.preset}`)\n\n"
               f"Command: `python tools/bench_quality.py --configs {args.configs} --seeds {args.seeds} --preset {args.preset}"
               + "".join(f" --set {kv}" for kv in args.set) + (f" --data {args.data} --tokenizer {args.tokenizer}" if args.data else "")
               + f" --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`\n\n"
               f"Data: `{data.name}` (tokenizer `{tokenizer.name}`{', the challenge sp1024 model' if same_as_challenge else ''}). "
-              f"Settings: {', '.join(f'{k}={v}' for k, v in {**PRESETS[args.preset], **COMMON, **extra}.items())}.")
-    table = markdown(rows, t_equal, header)
+              f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.")
+    table = markdown(rows, header)
     (args.out / "results.md").write_text(table, encoding="utf-8")
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "t_equal_ms": t_equal, "runs": runs}, indent=1), encoding="utf-8")
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1), encoding="utf-8")
     plot(runs, names, args.out / "quality.png")
     print(table)
     return 0
