@@ -97,8 +97,9 @@ def results_bpb(out, config):
 
 
 def test_quality_benchmark_pairs_each_config_with_its_reference():
-    names = ["baseline", "hymba", "state8", "layer0", "kv1_baseline", "kv1_ssm2", "l9_layer4"]
-    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "hymba", "baseline", "baseline", "kv1_baseline", "baseline"]
+    names = ["baseline", "hymba", "state8", "layer0", "layer0_mean", "kv1_baseline", "kv1_ssm2", "l9_layer4"]
+    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "hymba", "baseline", "layer0", "baseline",
+                                                                   "kv1_baseline", "baseline"]
     assert bench_quality.reference("hymba", ["hymba", "layer0"]) == "hymba"
 
 

@@ -61,6 +61,11 @@ CONFIGS = {
     "conv4": dict(HYMBA_LAYERS="2", HYMBA_CONV="4"),
     "gate0": dict(HYMBA_LAYERS="2", HYMBA_GATE="0"),
     "gate1": dict(HYMBA_LAYERS="2", HYMBA_GATE="1"),
+    # the options again on block 0, the best placement
+    "layer0_mean": dict(HYMBA_LAYERS="0", HYMBA_MERGE="mean"),
+    "layer0_state8": dict(HYMBA_LAYERS="0", HYMBA_SSM_STATE="8"),
+    "layer0_meta16": dict(HYMBA_LAYERS="0", HYMBA_META_TOK="16"),
+    "layer0_conv0": dict(HYMBA_LAYERS="0", HYMBA_CONV="0"),
     "chunk32": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="32"),
     "chunk128": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="128"),
     # the challenge's depth (9 blocks, U-Net skips) at the preset's width: block 4 is the middle one
@@ -111,13 +116,14 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def reference(name: str, names: list[str]) -> str:
-    """What a configuration is compared with: `hymba` for an option ablation (the same layers, one
-    HYMBA_* option changed), `<prefix>_baseline` for a family that has its own (kv1_ssm2 ->
-    kv1_baseline), else `baseline`, else the first configuration."""
+    """What a configuration is compared with: for an option ablation (HYMBA_* settings only), the
+    configuration with just its HYMBA_LAYERS (state8 -> hymba, layer0_mean -> layer0); for a family
+    with its own baseline, that one (kv1_ssm2 -> kv1_baseline); else `baseline`, else the first."""
     env = CONFIGS.get(name, {})
-    if "hymba" in names and name != "hymba" and env.get("HYMBA_LAYERS") == CONFIGS["hymba"]["HYMBA_LAYERS"] and len(env) > 1 \
-            and all(k.startswith("HYMBA_") for k in env):
-        return "hymba"
+    if len(env) > 1 and all(k.startswith("HYMBA_") for k in env):
+        plain = [n for n in names if CONFIGS.get(n) == {"HYMBA_LAYERS": env.get("HYMBA_LAYERS")}]
+        if plain:
+            return plain[0]
     for ref in (name.split("_")[0] + "_baseline", "baseline"):
         if ref in names and ref != name:
             return ref
