@@ -1,5 +1,5 @@
 """The tools outside the counted files: the submission writer and the quality benchmark, on real
-(tiny) train_gpt.py runs."""
+(tiny) train_gpt.py runs, and the speed benchmark's quick setting."""
 import json
 import os
 import subprocess
@@ -82,18 +82,14 @@ def test_quality_benchmark_smallest_setting_writes_table_and_plot(dataset, tmp_p
                                "--set", f"VOCAB_SIZE={dataset['vocab_size']}"]) == 0
     table = (out / "results.md").read_text()
     rows = [l for l in table.splitlines() if l.startswith("| baseline") or l.startswith("| hymba")]
-    assert len(rows) == 2 and "(1.00x)" in rows[0] and rows[1].startswith("| hymba | baseline |")
-    assert ("(1/1) |" in rows[1]) == (results_bpb(out, "hymba") < results_bpb(out, "baseline"))  # paired Δ counts the seed
-    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
+    bpb = {r["config"]: r["val_bpb"] for r in results["runs"]}
+    assert len(rows) == 2 and "(1.00x)" in rows[0] and rows[1].startswith("| hymba | baseline |")
+    assert ("(1/1) |" in rows[1]) == (bpb["hymba"] < bpb["baseline"])  # the paired Δ counts the seed
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["config"] for r in results["rows"]] == ["baseline", "hymba"]
     steps = [[c[0] for c in run["curve"]] for run in results["runs"]]
     assert steps == [[0, 3, 6], [0, 3, 6]]  # PRESETS["smoke"]: 6 iterations, validated every 3
-
-
-def results_bpb(out, config):
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    return next(r["val_bpb"] for r in runs if r["config"] == config)
 
 
 def test_quality_benchmark_pairs_each_config_with_its_reference():
@@ -107,7 +103,6 @@ def test_quality_benchmark_rejects_unknown_config(capsys):
     with pytest.raises(SystemExit):
         bench_quality.main(["--configs", "baseline,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
-
 
 
 def test_speed_benchmark_quick_writes_every_table(tmp_path):

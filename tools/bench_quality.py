@@ -55,19 +55,14 @@ CONFIGS = {
     "state8": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="8"),
     "state32": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="32"),
     "merge_mean": dict(HYMBA_LAYERS="2", HYMBA_MERGE="mean"),
-    "merge_concat": dict(HYMBA_LAYERS="2", HYMBA_MERGE="concat"),
     "meta16": dict(HYMBA_LAYERS="2", HYMBA_META_TOK="16"),
     "conv0": dict(HYMBA_LAYERS="2", HYMBA_CONV="0"),
-    "conv4": dict(HYMBA_LAYERS="2", HYMBA_CONV="4"),
     "gate0": dict(HYMBA_LAYERS="2", HYMBA_GATE="0"),
-    "gate1": dict(HYMBA_LAYERS="2", HYMBA_GATE="1"),
     # the options again on block 0, the best placement
     "layer0_mean": dict(HYMBA_LAYERS="0", HYMBA_MERGE="mean"),
     "layer0_state8": dict(HYMBA_LAYERS="0", HYMBA_SSM_STATE="8"),
     "layer0_meta16": dict(HYMBA_LAYERS="0", HYMBA_META_TOK="16"),
     "layer0_conv0": dict(HYMBA_LAYERS="0", HYMBA_CONV="0"),
-    "chunk32": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="32"),
-    "chunk128": dict(HYMBA_LAYERS="2", HYMBA_SCAN_CHUNK="128"),
     # the challenge's depth (9 blocks, U-Net skips) at the preset's width: block 4 is the middle one
     "l9_baseline": dict(NUM_LAYERS=9),
     "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
@@ -137,9 +132,10 @@ def summarize(runs: list[dict], names: list[str]) -> list[dict]:
     step_ms = lambda rs: statistics.fmean(r["train_ms"] / r["step_stop"] for r in rs.values())
     rows = []
     for n, rs in by.items():
-        ref = by[reference(n, names)]
+        ref_name = reference(n, names)
+        ref = by[ref_name]
         paired = [r["val_bpb"] - ref[s]["val_bpb"] for s, r in rs.items() if s in ref]
-        rows.append(dict(config=n, reference=reference(n, names), seeds=len(rs), params=next(iter(rs.values()))["params"],
+        rows.append(dict(config=n, reference=ref_name, seeds=len(rs), params=next(iter(rs.values()))["params"],
                          bytes_total=max(r["bytes_total"] for r in rs.values()), steps=statistics.fmean(r["step_stop"] for r in rs.values()),
                          step_ms=step_ms(rs), step_ratio=step_ms(rs) / step_ms(ref),
                          pre=mean_spread([r["pre_quant_val_bpb"] for r in rs.values()]), post=mean_spread([r["val_bpb"] for r in rs.values()]),

@@ -144,13 +144,17 @@ def main():
     # the scan alone, forward, at the default layer's SSM shape (fewer batch rows at the longest T)
     heads, head_dim = cfg.ssm_heads, args.dim // args.heads
     scan = compile_(hymba_layer.ssd_scan)
+
+    def scan_inputs(b: int, T: int, seed: int) -> list[torch.Tensor]:
+        """x, log_a (in [-1, 0]), B, C for ssd_scan at the layer's SSM shape."""
+        g = torch.Generator(device=device).manual_seed(seed)
+        return [torch.randn(b, T, heads, head_dim, device=device, generator=g).to(dtype), -torch.rand(b, T, heads, device=device, generator=g),
+                *(torch.randn(b, T, cfg.groups, cfg.ssm_state, device=device, generator=g).to(dtype) for _ in range(2))]
+
     scan_rows = []
     for T in (int(t) for t in args.scan_lengths.split(",")):
         b = args.batch if T <= 1024 else 1
-        g = torch.Generator(device=device).manual_seed(T)
-        xs = torch.randn(b, T, heads, head_dim, device=device, generator=g).to(dtype)
-        log_a = -torch.rand(b, T, heads, device=device, generator=g)
-        B, C = (torch.randn(b, T, cfg.groups, cfg.ssm_state, device=device, generator=g).to(dtype) for _ in range(2))
+        xs, log_a, B, C = scan_inputs(b, T, seed=T)
         with torch.no_grad():
             fns = {"ssd_scan": lambda: scan(xs, log_a, B, C, cfg.scan_chunk), "reference": lambda: hymba_layer.ssd_scan_reference(xs, log_a, B, C)}
             ms = interleaved_medians(fns, max(3, args.samples // 5), 1, measure)
@@ -162,10 +166,7 @@ def main():
 
     # chunk size Q: the scan is exact for any Q, so Q is a speed choice (fwd+bwd, as in training)
     T, b = args.seq, args.batch
-    g = torch.Generator(device=device).manual_seed(1)
-    leaves = [torch.randn(b, T, heads, head_dim, device=device, generator=g).to(dtype), -torch.rand(b, T, heads, device=device, generator=g),
-              *(torch.randn(b, T, cfg.groups, cfg.ssm_state, device=device, generator=g).to(dtype) for _ in range(2))]
-    leaves = [t.requires_grad_() for t in leaves]
+    leaves = [t.requires_grad_() for t in scan_inputs(b, T, seed=1)]
 
     def scan_step(q):
         y, _ = scan(*leaves, q)
