@@ -1,15 +1,32 @@
 """Hybrid attention + SSM layers for train_gpt.py (Hymba-style parallel heads).
 
-A HymbaLayer replaces a block's CausalSelfAttention: some of its heads stay GQA attention (exactly the
-host's: RMS-normed q/k, RoPE, q_gain), the others become Mamba-2 (SSD) heads reading the same input,
-and one output projection merges the two. The scan is plain PyTorch (cumsum, exp, matmuls), so the
-whole model still compiles with torch.compile(fullgraph=True). With HYMBA_LAYERS set (e.g. 4) the host
-calls register_host_classes and build_and_swap_hymba_layers; HymbaConfig lists the other HYMBA_* vars.
+A HymbaLayer replaces a block's CausalSelfAttention: some of its heads stay the host's GQA attention
+(RMS-normed q/k, RoPE, q_gain, the host's attention kernel), the others become Mamba-2 (SSD) heads
+reading the same input, and one output projection merges the two. The scan is plain PyTorch (cumsum,
+exp, matmuls), so the whole model still compiles with torch.compile(fullgraph=True).
+
+Host contract - all the module needs from a train_gpt.py, and how it finds it:
+  1. register_host_classes(CastedLinear, Rotary, apply_rotary_emb), called once after those three are
+     defined. The module where CastedLinear lives is "the host" for everything below.
+  2. build_and_swap_hymba_layers(model) right after the model is built, before the optimizers: for each
+     index in HYMBA_LAYERS, model.blocks[i].attn becomes a HymbaLayer (a no-op without HYMBA_LAYERS).
+     The shape comes from the replaced attention (c_q, num_heads, num_kv_heads, head_dim, q_gain); the
+     hybrid layer takes over its rotary and the flags the host set on it (rope_dims: partial RoPE,
+     use_xsa: XSA), and lives at the same name, so hooks on `.attn.` CastedLinears (GPTQ) see it.
+  3. Routing by name patterns: every module-level tuple/list of strings in the host whose name ends in
+     _NAME_PATTERNS (CONTROL_TENSOR_NAME_PATTERNS, INT8_KEEP_FLOAT_FP32_NAME_PATTERNS) gets
+     CONTROL_PATTERNS appended, so the host keeps the SSM dynamics in fp32, trains them with Adam and
+     exports them unquantized where it can. Every hybrid parameter is 1-D or 2-D, as both hosts expect.
+  4. Attention kernel: the host's module-level flash_attn_3_func(q, k, v, causal=True) on
+     (batch, T, heads, head_dim) when it has one (FA3 record scripts), else F.scaled_dot_product_attention
+     (is_causal=True), as the root script. Only a plain causal mask is ever asked of it.
+HymbaLayer also has CausalSelfAttention's constructor, so a host may swap it in by class.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +42,23 @@ ENV_VARS = ("HYMBA_LAYERS", "HYMBA_SSM_HEADS", "HYMBA_SSM_STATE", "HYMBA_SCAN_CH
 CONTROL_PATTERNS = ("ssm.A_log", "ssm.dt_bias", "ssm.D", "ssm.conv_weight", "merge_gain", "meta_kv")
 
 
+def hymba_env() -> dict[str, str]:
+    """The HYMBA_* env vars that are set; an unknown name is an error (a typo would otherwise be ignored)."""
+    env = {k: v.strip() for k, v in os.environ.items() if k.startswith("HYMBA_") and v.strip()}
+    unknown = sorted(set(env) - set(ENV_VARS))
+    if unknown:
+        raise ValueError(f"unknown {', '.join(unknown)}: the hybrid-layer env vars are {', '.join(ENV_VARS)}")
+    return env
+
+
 @dataclass(frozen=True)
 class HymbaConfig:
-    """One field per HYMBA_* env var. The defaults are provisional, to be settled by an ablation."""
+    """One field per HYMBA_* env var; defaults measured (README, "Why these defaults")."""
 
-    layers: tuple[int, ...]  # HYMBA_LAYERS: block indices to swap, "4" or "3,4"
-    ssm_heads: int           # HYMBA_SSM_HEADS: how many of NUM_HEADS become SSM heads (default: about half)
+    ssm_heads: int           # HYMBA_SSM_HEADS: how many of the layer's heads become SSM heads (default: about half)
+    layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to swap, "0" or "0,1"
     ssm_state: int = 16      # HYMBA_SSM_STATE: N, state size per SSM head
-    scan_chunk: int = 64     # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan
+    scan_chunk: int = 64     # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
     groups: int = 1          # HYMBA_GROUPS: G, groups of SSM heads that share B and C
     conv: int = 4            # HYMBA_CONV: kernel of the causal depthwise conv on x, B, C (0 = off)
     gate: bool = True        # HYMBA_GATE: SiLU output gate on the SSM heads
@@ -41,12 +67,9 @@ class HymbaConfig:
     kv_share: bool = False   # HYMBA_KV_SHARE: a hybrid layer right after another reuses its K/V projections
 
     @classmethod
-    def from_env(cls, args) -> HymbaConfig:
-        """Read and check the HYMBA_* env vars against the host's shape (args: num_layers, num_heads, ...)."""
-        env = {k: v.strip() for k, v in os.environ.items() if k.startswith("HYMBA_")}
-        unknown = sorted(set(env) - set(ENV_VARS))
-        if unknown:
-            raise ValueError(f"unknown {', '.join(unknown)}: the hybrid-layer env vars are {', '.join(ENV_VARS)}")
+    def from_env(cls, num_heads: int, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> HymbaConfig:
+        """The HYMBA_* env vars checked against the host's shape. HYMBA_LAYERS is read when num_layers is given."""
+        env = hymba_env()
 
         def read(name, default, ok, valid, parse=int):
             raw = env.get(name, "")
@@ -59,29 +82,33 @@ class HymbaConfig:
                 raise ValueError(f"{name}={shown} is invalid: expected {valid}")
             return value
 
-        n, heads, kv_heads = args.num_layers, args.num_heads, args.num_kv_heads
-        layers = tuple(sorted(read("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < n for i in v),
-                                   f"distinct comma-separated block indices in 0..{n - 1}", parse=lambda s: tuple(int(i) for i in s.split(",")))))
+        layers = ()
+        if num_layers is not None:
+            layers = tuple(sorted(read("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < num_layers for i in v),
+                                       f"distinct comma-separated block indices in 0..{num_layers - 1}",
+                                       parse=lambda s: tuple(int(i) for i in s.split(",")))))
         adjacent = any(j - i == 1 for i, j in zip(layers, layers[1:]))
-        # attention keeps a multiple of NUM_KV_HEADS heads (GQA); the default gives the SSM about half
-        splits = [s for s in range(1, heads) if (heads - s) % kv_heads == 0]
-        ssm_heads = read("HYMBA_SSM_HEADS", heads - kv_heads * math.ceil(heads / 2 / kv_heads), lambda v: v in splits,
-                         f"one of {splits} (NUM_HEADS={heads} minus the SSM heads must be a positive multiple of NUM_KV_HEADS={kv_heads})")
-        attn_width = (heads - ssm_heads) * (args.model_dim // heads)
-        return cls(
-            layers=layers,
-            ssm_heads=ssm_heads,
-            ssm_state=read("HYMBA_SSM_STATE", cls.ssm_state, lambda v: v > 0, "a positive int"),
-            scan_chunk=read("HYMBA_SCAN_CHUNK", cls.scan_chunk, lambda v: v > 0, "a positive int"),
-            groups=read("HYMBA_GROUPS", cls.groups, lambda v: v > 0 and ssm_heads % v == 0, f"a divisor of the SSM heads ({ssm_heads})"),
-            conv=read("HYMBA_CONV", cls.conv, lambda v: v >= 0, "a kernel size >= 0 (0 = off)"),
-            gate=bool(read("HYMBA_GATE", int(cls.gate), lambda v: v in (0, 1), "0 or 1")),
-            merge=read("HYMBA_MERGE", cls.merge, lambda v: v == "concat" or (v == "mean" and attn_width % ssm_heads == 0),
-                       f"concat or mean (mean needs the attention width {attn_width} divisible by the SSM heads {ssm_heads})", parse=str),
-            meta_tok=read("HYMBA_META_TOK", cls.meta_tok, lambda v: v >= 0, "an int >= 0 (0 = off)"),
-            kv_share=bool(read("HYMBA_KV_SHARE", int(cls.kv_share), lambda v: v == 0 or (v == 1 and adjacent),
-                               f"0 or 1 (1 needs two adjacent indices in HYMBA_LAYERS, got {','.join(map(str, layers))})")),
-        )
+        # attention keeps a positive multiple of the KV heads (GQA); the default gives the SSM about half
+        splits = [s for s in range(1, num_heads) if (num_heads - s) % num_kv_heads == 0]
+        ssm_heads = read("HYMBA_SSM_HEADS", num_heads - num_kv_heads * math.ceil(num_heads / 2 / num_kv_heads), lambda v: v in splits,
+                         f"one of {splits} (the heads left for attention, of {num_heads}, must be a positive multiple of the {num_kv_heads} KV heads)")
+        attn_width = (num_heads - ssm_heads) * head_dim
+        d = cls(ssm_heads)
+        rows = [  # (field, env var, check, what is valid, parse)
+            ("ssm_state", "HYMBA_SSM_STATE", lambda v: v > 0, "a positive int", int),
+            ("scan_chunk", "HYMBA_SCAN_CHUNK", lambda v: v > 0, "a positive int", int),
+            ("groups", "HYMBA_GROUPS", lambda v: v > 0 and ssm_heads % v == 0, f"a divisor of the SSM heads ({ssm_heads})", int),
+            ("conv", "HYMBA_CONV", lambda v: v >= 0, "a kernel size >= 0 (0 = off)", int),
+            ("gate", "HYMBA_GATE", lambda v: v in (0, 1), "0 or 1", int),
+            ("merge", "HYMBA_MERGE", lambda v: v == "concat" or (v == "mean" and attn_width % ssm_heads == 0),
+             f"concat or mean (mean needs the attention width {attn_width} divisible by the SSM heads {ssm_heads})", str),
+            ("meta_tok", "HYMBA_META_TOK", lambda v: v >= 0, "an int >= 0 (0 = off)", int),
+            ("kv_share", "HYMBA_KV_SHARE", lambda v: v == 0 or (v == 1 and adjacent),
+             f"0 or 1 (1 needs two adjacent indices in HYMBA_LAYERS, got {','.join(map(str, layers)) or 'none'})", int),
+        ]
+        values = {field: read(var, getattr(d, field) if field == "merge" else int(getattr(d, field)), ok, valid, parse)
+                  for field, var, ok, valid, parse in rows}
+        return cls(ssm_heads, layers, **{k: bool(v) if k in ("gate", "kv_share") else v for k, v in values.items()})
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -117,9 +144,14 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
     head h reads group h // (H/G);  initial_state (batch, H, P, N) or None for zeros.
     Returns y (batch, T, H, P) in x's dtype and the final state (batch, H, P, N) in fp32 (fp64 for fp64).
     Log-decays, their sums and their exps are fp32: every exponent is a sum of log_a <= 0, so every
-    decay lies in [0, 1] and nothing is divided by a cumulative product. Matmuls run in x's dtype,
-    except the fp32 hand-over of states between chunks.
+    decay lies in [0, 1] and nothing is divided by a cumulative product. Matmuls run in x's dtype, except
+    the hand-over of states between chunks (step 3), which autocast does not touch: fp32 tensors, fp32
+    accumulation. Where a host allows TF32 (both hosts do on CUDA), that one matmul rounds its inputs to
+    TF32 (10-bit mantissa, relative 2^-11): 8x finer than the bf16 (2^-8) of every other matmul here, so
+    it is left so rather than paying for a TF32-proof product (tests/test_scan.py emulates it).
     """
+    # axes: b batch, c chunk, l/s step in chunk (query/key), g group, r head in group, p head dim, n state,
+    #       z chunk boundary
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R, Q = H // G, chunk_size
@@ -127,11 +159,11 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
     pad = -T % Q  # padded steps have a = 1 and no input: they change no output and not the final state
     x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
     c = (T + pad) // Q
-    X = x.view(b, c, Q, G, R, P)  # (batch, chunk, step, group, head in group, P)
+    X = x.view(b, c, Q, G, R, P)
     B, C = B.view(b, c, Q, G, N), C.view(b, c, Q, G, N)
-    A = F.pad(log_a.to(f32), (0, 0, 0, pad)).view(b, c, Q, G, R).permute(0, 3, 4, 1, 2)  # (batch, group, head, chunk, step)
+    A = F.pad(log_a.to(f32), (0, 0, 0, pad)).view(b, c, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
     A_cumsum = A.cumsum(-1)
-    to_steps = lambda d: d.permute(0, 3, 4, 1, 2)[..., None].to(x.dtype)  # (b, g, r, c, step) -> (b, c, step, g, r, 1)
+    to_steps = lambda d: d.permute(0, 3, 4, 1, 2)[..., None].to(x.dtype)  # (b, g, r, c, l) -> (b, c, l, g, r, 1)
 
     # 1. outputs from inputs of the same chunk: (C B^T * L) X with the decay mask L = exp(segsum(A))
     L = torch.exp(segsum(A)).to(x.dtype)
@@ -146,7 +178,7 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
     if initial_state is None:
         initial_state = torch.zeros(b, H, P, N, dtype=f32, device=x.device)
     states = torch.cat([initial_state.to(f32).view(b, 1, G, R, P, N), states.to(f32)], dim=1)
-    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, g, r, z, c+1)
     with torch.autocast(x.device.type, enabled=False):
         states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)
     states, final_state = states[:, :-1], states[:, -1]
@@ -161,18 +193,30 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
 # ----------------------------------------------------------------------------- modules
 
 CastedLinear = Rotary = apply_rotary_emb = None  # the host's, set by register_host_classes
+host_namespace: dict = {}  # the host module's globals (see the contract above)
 
 
 def register_host_classes(casted_linear: type, rotary: type, rotary_emb) -> None:
     """Build hybrid layers from the host's CastedLinear, Rotary and apply_rotary_emb, so their attention
-    heads compute exactly what the host's attention does."""
-    global CastedLinear, Rotary, apply_rotary_emb
+    heads compute what the host's attention does; the module defining CastedLinear is the host."""
+    global CastedLinear, Rotary, apply_rotary_emb, host_namespace
     CastedLinear, Rotary, apply_rotary_emb = casted_linear, rotary, rotary_emb
+    host_namespace = vars(sys.modules[casted_linear.__module__])
 
 
 def require_host() -> None:
     if CastedLinear is None:
         raise RuntimeError("hymba_layer: call register_host_classes(CastedLinear, Rotary, apply_rotary_emb) before building hybrid layers")
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention with the host's kernel; q (batch, T, heads, D), k/v (batch, T, kv_heads, D)."""
+    flash = host_namespace.get("flash_attn_3_func")
+    if flash is not None:
+        return flash(q, k, v, causal=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
 
 
 class SSMBranch(nn.Module):
@@ -189,16 +233,16 @@ class SSMBranch(nn.Module):
         self.gate = cfg.gate
         self.xbc_width = heads * head_dim + 2 * cfg.groups * cfg.ssm_state
         self.in_proj = CastedLinear(dim, self.xbc_width + (heads * head_dim if cfg.gate else 0), bias=False)  # x, B, C[, z]
-        self.dt_proj = CastedLinear(dim, heads, bias=False)  # its own matrix: dt rows quantize with their own range
+        self.dt_proj = CastedLinear(dim, heads, bias=False)
         # Mamba-2 inits: decay rates A = -exp(A_log) in [-16, -1], dt log-uniform in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
         dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.D = nn.Parameter(torch.ones(heads))
         self.conv_weight = None
-        if cfg.conv:
-            bound = 1 / math.sqrt(cfg.conv)  # nn.Conv1d's default for a depthwise kernel
-            self.conv_weight = nn.Parameter(torch.empty(self.xbc_width, 1, cfg.conv).uniform_(-bound, bound))
+        if cfg.conv:  # (channel, tap), 2-D as every host routes; nn.Conv1d's default init for a depthwise kernel
+            bound = 1 / math.sqrt(cfg.conv)
+            self.conv_weight = nn.Parameter(torch.empty(self.xbc_width, cfg.conv).uniform_(-bound, bound))
 
     def forward(self, u: Tensor) -> Tensor:
         b, t, _ = u.shape
@@ -206,7 +250,7 @@ class SSMBranch(nn.Module):
         xbc, z = xbc[..., : self.xbc_width], xbc[..., self.xbc_width :]
         if self.conv_weight is not None:  # Mamba-2: x, B and C see the last few tokens directly
             k = self.conv_weight.size(-1)
-            xbc = F.conv1d(F.pad(xbc.transpose(1, 2), (k - 1, 0)), self.conv_weight.to(xbc.dtype), groups=self.xbc_width)
+            xbc = F.conv1d(F.pad(xbc.transpose(1, 2), (k - 1, 0)), self.conv_weight.to(xbc.dtype)[:, None], groups=self.xbc_width)
             xbc = F.silu(xbc.transpose(1, 2))
         gn = self.groups * self.state
         x, B, C = xbc.split([self.heads * self.head_dim, gn, gn], dim=-1)
@@ -226,16 +270,18 @@ class HymbaLayer(nn.Module):
       mean:   (g_a * rmsnorm(attention) + g_s * rmsnorm(SSM)) / 2 -> proj (Hymba); the SSM heads together
               have the attention heads' width.
     Meta tokens are learned key/value entries every query sees, without positions (T and RoPE unchanged).
-    With kv_source (the hybrid layer just before), its K/V projections are used instead of own ones."""
+    With kv_source (the hybrid layer just before), its K/V projections are used instead of own ones.
+    Extra constructor arguments of a host's attention (PR #1493: train_seq_len) go to its Rotary."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 cfg: HymbaConfig, kv_source: HymbaLayer | None = None):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float, *rotary_args,
+                 cfg: HymbaConfig | None = None, kv_source: HymbaLayer | None = None):
         super().__init__()
         require_host()
         self.head_dim = dim // num_heads
-        self.num_heads, self.num_kv_heads = num_heads - cfg.ssm_heads, num_kv_heads  # attention heads
+        cfg = cfg or HymbaConfig.from_env(num_heads, num_kv_heads, self.head_dim)
+        self.attn_heads, self.num_kv_heads = num_heads - cfg.ssm_heads, num_kv_heads
         self.merge = cfg.merge
-        attn_width, kv_width = self.num_heads * self.head_dim, num_kv_heads * self.head_dim
+        attn_width, kv_width = self.attn_heads * self.head_dim, num_kv_heads * self.head_dim
         ssm_width = cfg.ssm_heads * self.head_dim if cfg.merge == "concat" else attn_width
         self.c_q = CastedLinear(dim, attn_width, bias=False)
         self.kv_shared = kv_source is not None
@@ -245,11 +291,12 @@ class HymbaLayer(nn.Module):
         else:
             self.c_k = CastedLinear(dim, kv_width, bias=False)
             self.c_v = CastedLinear(dim, kv_width, bias=False)
-        self.q_gain = nn.Parameter(torch.full((self.num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.q_gain = nn.Parameter(torch.full((self.attn_heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(self.head_dim, rope_base, *rotary_args)
+        self.rope_dims, self.use_xsa = 0, False  # host flags, set after construction (PR #1493: partial RoPE, XSA)
         self.meta_kv = None
-        if cfg.meta_tok:  # (key|value, token, kv_width); values start at 0: the prefix begins as a pure attention sink
-            self.meta_kv = nn.Parameter(torch.stack([torch.randn(cfg.meta_tok, kv_width), torch.zeros(cfg.meta_tok, kv_width)]))
+        if cfg.meta_tok:  # rows: keys, then values; values start at 0, so the prefix begins as a pure attention sink
+            self.meta_kv = nn.Parameter(torch.cat([torch.randn(cfg.meta_tok, kv_width), torch.zeros(cfg.meta_tok, kv_width)]))
         self.ssm = SSMBranch(dim, cfg.ssm_heads, ssm_width // cfg.ssm_heads, cfg)
         if cfg.merge == "mean":
             self.merge_gain_attn = nn.Parameter(torch.ones(attn_width))
@@ -260,24 +307,28 @@ class HymbaLayer(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, T, head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.c_q(x).view(b, t, self.attn_heads, self.head_dim)  # (batch, T, heads, head_dim)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(t, x.device, q.dtype)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        gqa = self.num_kv_heads != self.num_heads
+        if cos.size(1) != t:  # the host's rotary is laid out for (batch, heads, T, head_dim)
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+        rope = (self.rope_dims,) if self.rope_dims else ()
+        q, k = apply_rotary_emb(q, cos, sin, *rope), apply_rotary_emb(k, cos, sin, *rope)
+        q = q * self.q_gain.to(q.dtype)[:, None]
         if self.meta_kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            n = self.meta_kv.size(1)
-            meta_k, meta_v = self.meta_kv.to(q.dtype).view(2, 1, n, self.num_kv_heads, self.head_dim).transpose(2, 3)
-            k = torch.cat([F.rms_norm(meta_k, (self.head_dim,)).expand(b, -1, -1, -1), k], dim=2)
-            v = torch.cat([meta_v.expand(b, -1, -1, -1), v], dim=2)
-            visible = torch.ones(t, n + t, dtype=torch.bool, device=x.device).tril(n)  # the prefix, then causal
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
-        return y.transpose(1, 2).reshape(b, t, -1)
+            y = causal_attention(q, k, v)
+        else:  # [meta; tokens] under a plain causal mask: token i sees every meta entry and tokens <= i
+            n = self.meta_kv.size(0) // 2
+            meta_k, meta_v = self.meta_kv.to(q.dtype).view(2, 1, n, self.num_kv_heads, self.head_dim).expand(-1, b, -1, -1, -1)
+            q = torch.cat([q.new_zeros(b, n, self.attn_heads, self.head_dim), q], dim=1)  # n query rows, dropped below
+            y = causal_attention(q, torch.cat([F.rms_norm(meta_k, (self.head_dim,)), k], 1), torch.cat([meta_v, v], 1))[:, n:]
+        if self.use_xsa:  # XSA: each head's output loses its component along its own value vector
+            y = y.view(b, t, self.num_kv_heads, -1, self.head_dim)
+            vn = F.normalize(v, dim=-1)[:, :, :, None]
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        return y.reshape(b, t, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         a, s = self.attention(x), self.ssm(x)
@@ -291,23 +342,42 @@ class HymbaLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- swapping into a host
 
-def build_and_swap_hymba_layers(model: nn.Module, args) -> list[int]:
-    """Replace model.blocks[i].attn with a HymbaLayer for each i in HYMBA_LAYERS; returns those indices.
-    Appends the dynamics tensors' name patterns to args.control_patterns and logs one line per layer."""
+def extend_host_patterns() -> None:
+    """Append CONTROL_PATTERNS to the host's module-level *_NAME_PATTERNS lists (contract, point 3)."""
+    for name, value in list(host_namespace.items()):
+        if name.endswith("_NAME_PATTERNS") and isinstance(value, (tuple, list)) and all(isinstance(p, str) for p in value):
+            host_namespace[name] = type(value)([*value, *(p for p in CONTROL_PATTERNS if p not in value)])
+
+
+def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
+    """Replace model.blocks[i].attn with a HymbaLayer for each i in HYMBA_LAYERS and return those indices;
+    without HYMBA_LAYERS, change nothing and return []. Logs one line per layer (rank 0)."""
     require_host()
-    cfg = HymbaConfig.from_env(args)
-    log = getattr(args, "log", print)
+    if "HYMBA_LAYERS" not in hymba_env():
+        stray = sorted(hymba_env())
+        if stray:
+            raise ValueError(f"{', '.join(stray)} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to swap in hybrid layers, or unset them")
+        return []
+    first = model.blocks[0].attn
+    cfg = HymbaConfig.from_env(first.num_heads, first.num_kv_heads, first.head_dim, len(model.blocks))
+    if log is None:
+        log = print if os.environ.get("RANK", "0") == "0" else (lambda line: None)
     prev, prev_i = None, None
     for i in cfg.layers:
+        old = model.blocks[i].attn
         # KV sharing pairs a layer with the one just before it, unless that one already borrows
         share = cfg.kv_share and prev_i == i - 1 and not prev.kv_shared
-        layer = HymbaLayer(args.model_dim, args.num_heads, args.num_kv_heads, args.rope_base, args.qk_gain_init,
-                           cfg, kv_source=prev if share else None)
-        model.blocks[i].attn = layer.to(model.blocks[i].attn.c_q.weight.device)
-        log(f"hymba:layer {i} attn_heads:{layer.num_heads} kv_heads:{layer.num_kv_heads} ssm_heads:{cfg.ssm_heads} "
+        layer = HymbaLayer(old.c_q.in_features, old.num_heads, old.num_kv_heads, 10000.0, old.q_gain.detach().float().mean().item(),
+                           cfg=cfg, kv_source=prev if share else None)
+        layer.rotary = old.rotary  # the host's rotary, with whatever base, scaling and partial dims it was built with
+        for flag in ("rope_dims", "use_xsa"):
+            if hasattr(old, flag):
+                setattr(layer, flag, getattr(old, flag))
+        model.blocks[i].attn = layer.to(old.c_q.weight.device)
+        log(f"hymba:layer {i} attn_heads:{layer.attn_heads} kv_heads:{layer.num_kv_heads} ssm_heads:{cfg.ssm_heads} "
             f"ssm_head_dim:{layer.ssm.head_dim} state:{cfg.ssm_state} groups:{cfg.groups} chunk:{cfg.scan_chunk} "
             f"conv:{cfg.conv} gate:{int(cfg.gate)} meta_tok:{cfg.meta_tok} kv:{f'shared_with_{prev_i}' if share else 'own'} "
-            f"merge:{cfg.merge} params:{sum(p.numel() for p in layer.parameters())}")
+            f"merge:{cfg.merge} rope_dims:{layer.rope_dims} xsa:{int(layer.use_xsa)} params:{sum(p.numel() for p in layer.parameters())}")
         prev, prev_i = layer, i
-    args.control_patterns.extend(p for p in CONTROL_PATTERNS if p not in args.control_patterns)
+    extend_host_patterns()
     return list(cfg.layers)

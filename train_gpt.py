@@ -30,7 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------- hyperparameters
 
-CONTROL_TENSOR_NAME_PATTERNS = "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights"
+# substrings of parameter names kept fp32, trained by Adam and exported unquantized (the challenge's
+# CONTROL_TENSOR_NAME_PATTERNS); hymba_layer.py appends the names of its SSM dynamics tensors
+CONTROL_TENSOR_NAME_PATTERNS = tuple(p for p in os.environ.get(
+    "CONTROL_TENSOR_NAME_PATTERNS", "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights").split(",") if p)
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
 
@@ -109,9 +112,6 @@ class Hyperparameters:
         self.compressor = env("COMPRESSOR", "zlib", str, ok=lambda v: v in ("zlib", "zstd"), valid="zlib or zstd")
         self.torch_compile = flag("TORCH_COMPILE", torch.cuda.is_available())
         self.allow_over_budget = flag("ALLOW_OVER_BUDGET", False)
-        # substrings of parameter names kept fp32, trained by Adam and exported unquantized;
-        # hymba_layer.py appends the names of its SSM dynamics tensors
-        self.control_patterns = [p for p in os.environ.get("CONTROL_TENSOR_NAME_PATTERNS", CONTROL_TENSOR_NAME_PATTERNS).split(",") if p]
         # distributed layout (torchrun sets these)
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.world_size = env("WORLD_SIZE", 1, ok=lambda v: v > 0 and 8 % v == 0, valid="1, 2, 4 or 8 (it must divide 8)")
@@ -370,38 +370,40 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
 
-def build_model(args: Hyperparameters, device: torch.device) -> tuple[GPT, list[str]]:
-    """The GPT, with hybrid layers swapped in when HYMBA_LAYERS is set; also the counted code files."""
+def build_model(args: Hyperparameters, device: torch.device, log=print) -> tuple[GPT, list[str]]:
+    """The GPT, with hybrid layers swapped in when HYMBA_LAYERS is set (their lines go to log); also the
+    counted code files."""
     model = GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
                 args.tie_embeddings, args.tied_embed_init_std, args.logit_softcap, args.rope_base, args.qk_gain_init)
     code_files = [__file__]
-    if os.environ.get("HYMBA_LAYERS", "").strip():
+    if any(k.startswith("HYMBA_") and v.strip() for k, v in os.environ.items()):
         try:
             import hymba_layer
         except ImportError as e:
-            raise ImportError(f"HYMBA_LAYERS={os.environ['HYMBA_LAYERS']!r} needs hymba_layer.py beside train_gpt.py: {e}") from e
+            raise ImportError(f"the HYMBA_* settings need hymba_layer.py beside train_gpt.py: {e}") from e
         hymba_layer.register_host_classes(CastedLinear, Rotary, apply_rotary_emb)
-        hymba_layer.build_and_swap_hymba_layers(model, args)
-        code_files.append(hymba_layer.__file__)
-    else:
-        stray = sorted(k for k, v in os.environ.items() if k.startswith("HYMBA_") and k != "HYMBA_LAYERS" and v)
-        if stray:
-            raise ValueError(f"{', '.join(stray)} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 4) to swap in hybrid layers, or unset them")
+        if hymba_layer.build_and_swap_hymba_layers(model, log):
+            code_files.append(hymba_layer.__file__)
     model = model.to(device)
-    if device.type == "cuda":  # bf16 embedding, fp32 master weights for matrices and control tensors
-        model.bfloat16()
-        for name, p in model.named_parameters():
-            if p.ndim < 2 or is_control(name, args.control_patterns) or isinstance(owner(model, name), CastedLinear):
-                p.data = p.data.float()
+    if device.type == "cuda":
+        set_training_dtypes(model)
     return model, code_files
+
+
+def set_training_dtypes(model: nn.Module) -> None:
+    """bf16 for the embedding; fp32 master weights for CastedLinear matrices, vectors and control tensors."""
+    model.bfloat16()
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or is_control(name) or isinstance(owner(model, name), CastedLinear):
+            p.data = p.data.float()
 
 
 def owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(param_name.rpartition(".")[0])
 
 
-def is_control(name: str, patterns: list[str]) -> bool:
-    return any(p in name for p in patterns)
+def is_control(name: str) -> bool:
+    return any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -409,8 +411,8 @@ def is_control(name: str, patterns: list[str]) -> bool:
 def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) -> list[torch.optim.Optimizer]:
     """Muon for block matrices; Adam for the embedding, an untied head, and vectors/control tensors."""
     block_params = list(model.blocks.named_parameters())
-    matrices = [p for n, p in block_params if p.ndim == 2 and not is_control(n, args.control_patterns)]
-    scalars = [p for n, p in block_params if p.ndim != 2 or is_control(n, args.control_patterns)] + [model.skip_weights]
+    matrices = [p for n, p in block_params if p.ndim == 2 and not is_control(n)]
+    scalars = [p for n, p in block_params if p.ndim != 2 or is_control(n)] + [model.skip_weights]
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=device.type == "cuda")
     embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     optimizers = [
@@ -459,7 +461,7 @@ INT8_KEEP_FLOAT_MAX_NUMEL = 65_536
 INT8_CLIP_QUANTILE = 0.9999984
 
 
-def quantize_state_dict_int8(state: dict[str, Tensor], control_patterns: list[str]) -> tuple[dict, int]:
+def quantize_state_dict_int8(state: dict[str, Tensor]) -> tuple[dict, int]:
     """Per-row int8 for large float matrices (fp16 scales); small tensors pass through (fp32 for control
     tensors, fp16 otherwise); non-float tensors exact. Returns (container, payload bytes)."""
     out = dict(__quant_format__="int8_clean_per_row_v1", quantized={}, scales={}, dtypes={}, passthrough={}, qmeta={}, passthrough_orig_dtypes={})
@@ -468,7 +470,7 @@ def quantize_state_dict_int8(state: dict[str, Tensor], control_patterns: list[st
         if not t.is_floating_point():
             out["passthrough"][name] = t
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
-            keep = torch.float32 if is_control(name, control_patterns) else torch.float16
+            keep = torch.float32 if is_control(name) else torch.float16
             if t.dtype != keep:
                 out["passthrough_orig_dtypes"][name] = str(t.dtype).removeprefix("torch.")
             out["passthrough"][name] = t.to(keep).contiguous()
@@ -584,8 +586,7 @@ def main():
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     pending: list[str] = []  # hybrid-layer lines wait until the source heads the log
-    args.log = pending.append
-    base_model, code_files = build_model(args, device)  # config errors surface here, before any data is read
+    base_model, code_files = build_model(args, device, pending.append)  # config errors surface here, before any data is read
     sp = load_tokenizer(args)
     luts = build_sentencepiece_luts(sp, args.vocab_size, device)
     train_files = find_shards(args.train_files)
@@ -715,7 +716,7 @@ def main():
         log0(f"Serialized model: {len(raw)} bytes")
         log0(f"Code size: {code_bytes} bytes")
         log0(f"Total submission size: {len(raw) + code_bytes} bytes")
-        quant, payload = quantize_state_dict_int8(base_model.state_dict(), args.control_patterns)
+        quant, payload = quantize_state_dict_int8(base_model.state_dict())
         quant_raw = torch_bytes(quant)
         blob = compress(quant_raw, args.compressor)
         write_atomic(ptz_path, blob)

@@ -8,7 +8,7 @@ import torch
 
 import train_gpt
 
-CONTROL = train_gpt.CONTROL_TENSOR_NAME_PATTERNS.split(",")
+
 FLOOR_STEP_FP16 = torch.tensor(1 / 127).half().float().item()  # 0.00787353515625
 
 
@@ -57,7 +57,7 @@ def make_state() -> dict[str, torch.Tensor]:
 
 
 def roundtrip(state, compressor="zlib"):
-    container, payload = train_gpt.quantize_state_dict_int8(state, CONTROL)
+    container, payload = train_gpt.quantize_state_dict_int8(state)
     blob = train_gpt.compress(train_gpt.torch_bytes(container), compressor)
     loaded = torch.load(io.BytesIO(train_gpt.decompress(blob, compressor)), map_location="cpu")
     return container, payload, blob, train_gpt.dequantize_state_dict_int8(loaded)

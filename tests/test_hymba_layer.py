@@ -2,7 +2,6 @@
 control tensors and export, and the HYMBA_* env var checks."""
 import io
 import os
-import types
 
 import pytest
 import torch
@@ -27,22 +26,15 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(k)
 
 
-def host_args(**overrides):
-    args = dict(num_layers=LAYERS, model_dim=DIM, num_heads=HEADS, num_kv_heads=KV_HEADS, rope_base=10000.0,
-                qk_gain_init=1.5, control_patterns=train_gpt.CONTROL_TENSOR_NAME_PATTERNS.split(","), log=lambda line: None)
-    return types.SimpleNamespace(**{**args, **overrides})
-
-
 def hybrid_gpt(monkeypatch, seed=0, **env):
-    """A host GPT with HYMBA_* = env swapped in; returns (model, args, swapped indices, log lines)."""
+    """A host GPT with HYMBA_* = env swapped in; returns (model, swapped indices, log lines)."""
     for k, v in env.items():
         monkeypatch.setenv(f"HYMBA_{k.upper()}", str(v))
     torch.manual_seed(seed)
     model = train_gpt.GPT(VOCAB, LAYERS, DIM, HEADS, KV_HEADS, 2, True, 0.005, 30.0, 10000.0, 1.5)
     lines = []
-    args = host_args(log=lines.append)
-    swapped = build_and_swap_hymba_layers(model, args)
-    return model, args, swapped, lines
+    swapped = build_and_swap_hymba_layers(model, lines.append)
+    return model, swapped, lines
 
 
 def config(**overrides):
@@ -52,7 +44,7 @@ def config(**overrides):
 def layer(cfg, seed=0):
     """A standalone hybrid layer with a random (not zero) output projection, so its output is not 0."""
     torch.manual_seed(seed)
-    m = HymbaLayer(DIM, HEADS, KV_HEADS, 10000.0, 1.5, cfg)
+    m = HymbaLayer(DIM, HEADS, KV_HEADS, 10000.0, 1.5, cfg=cfg)
     torch.nn.init.normal_(m.proj.weight, std=0.2)
     return m
 
@@ -148,7 +140,7 @@ def test_every_parameter_learns(monkeypatch, merge):
 
 
 def test_kv_sharing_stores_the_projection_once(monkeypatch):
-    model, args, swapped, lines = hybrid_gpt(monkeypatch, layers="1,2,3", kv_share=1)
+    model, swapped, lines = hybrid_gpt(monkeypatch, layers="1,2,3", kv_share=1)
     a1, a2, a3 = (model.blocks[i].attn for i in swapped)
     assert a2.c_k is a1.c_k and a2.c_v is a1.c_v and a3.c_k is not a1.c_k  # pairs: (1, 2), then 3 alone
     names = set(model.state_dict())
@@ -173,7 +165,7 @@ def expected_params(merge="concat", ssm_heads=2, state=16, groups=1, conv=4, gat
 
 @pytest.mark.parametrize("env", [dict(), dict(conv=0, gate=0), dict(state=4, groups=2, conv=2), dict(merge="mean"), dict(merge="mean", meta_tok=5)])
 def test_parameter_count(monkeypatch, env):
-    model, _, _, lines = hybrid_gpt(monkeypatch, layers="2", **{("ssm_" + k if k == "state" else k): v for k, v in env.items()})
+    model, _, lines = hybrid_gpt(monkeypatch, layers="2", **{("ssm_" + k if k == "state" else k): v for k, v in env.items()})
     n = sum(p.numel() for p in model.blocks[2].attn.parameters())
     assert n == expected_params(**{k: bool(v) if k == "gate" else v for k, v in env.items()})
     assert f"params:{n}" in lines[0]
@@ -191,30 +183,32 @@ def test_concat_without_gate_and_conv_replaces_query_heads_by_ssm_heads(monkeypa
 # ----------------------------------------------------------------------------- host integration
 
 def test_swap_logs_and_defaults(monkeypatch):
-    model, args, swapped, lines = hybrid_gpt(monkeypatch, layers="3, 1")
+    model, swapped, lines = hybrid_gpt(monkeypatch, layers="3, 1")
     assert swapped == [1, 3]
     assert [type(b.attn).__name__ for b in model.blocks] == ["CausalSelfAttention", "HymbaLayer", "CausalSelfAttention", "HymbaLayer"]
     assert lines[0].startswith("hymba:layer 1 attn_heads:2 kv_heads:2 ssm_heads:2 ssm_head_dim:8 state:16 groups:1 chunk:64 "
-                               "conv:4 gate:1 meta_tok:0 kv:own merge:concat params:")
+                               "conv:4 gate:1 meta_tok:0 kv:own merge:concat rope_dims:0 xsa:0 params:")
     assert len(lines) == 2 and lines[1].startswith("hymba:layer 3 ")
 
 
 def test_control_patterns_cover_exactly_the_dynamics_tensors(monkeypatch):
-    model, args, *_ = hybrid_gpt(monkeypatch, layers="1,2", merge="mean", meta_tok=2)
-    host_patterns = train_gpt.CONTROL_TENSOR_NAME_PATTERNS.split(",")
-    added = [p for p in args.control_patterns if p not in host_patterns]
-    assert added == list(hymba_layer.CONTROL_PATTERNS)
+    monkeypatch.setattr(train_gpt, "CONTROL_TENSOR_NAME_PATTERNS", train_gpt.CONTROL_TENSOR_NAME_PATTERNS)
+    host_patterns = train_gpt.CONTROL_TENSOR_NAME_PATTERNS
+    model, *_ = hybrid_gpt(monkeypatch, layers="1,2", merge="mean", meta_tok=2)
+    added = [p for p in train_gpt.CONTROL_TENSOR_NAME_PATTERNS if p not in host_patterns]
+    assert set(added) <= set(hymba_layer.CONTROL_PATTERNS)
+    assert set(hymba_layer.CONTROL_PATTERNS) <= set(train_gpt.CONTROL_TENSOR_NAME_PATTERNS)
     hybrid_control = {n.split(".", 3)[3] for n, _ in model.named_parameters()
-                      if n.startswith("blocks.1.attn.") and train_gpt.is_control(n, args.control_patterns)}
+                      if n.startswith("blocks.1.attn.") and train_gpt.is_control(n)}
     assert hybrid_control == {"q_gain", "meta_kv", "merge_gain_attn", "merge_gain_ssm", "ssm.A_log", "ssm.dt_bias", "ssm.D", "ssm.conv_weight"}
     plain = train_gpt.GPT(VOCAB, LAYERS, DIM, HEADS, KV_HEADS, 2, True, 0.005, 30.0, 10000.0, 1.5)
-    assert not any(p in n for n, _ in plain.named_parameters() for p in added)  # no host tensor matches by accident
+    assert not any(p in n for n, _ in plain.named_parameters() for p in hymba_layer.CONTROL_PATTERNS)  # no host tensor matches by accident
 
 
 def test_int8_export_keeps_dynamics_exact(monkeypatch):
-    model, args, *_ = hybrid_gpt(monkeypatch, layers="1", merge="mean", meta_tok=2)
+    model, *_ = hybrid_gpt(monkeypatch, layers="1", merge="mean", meta_tok=2)
     state = model.state_dict()
-    quant, _ = train_gpt.quantize_state_dict_int8(state, args.control_patterns)
+    quant, _ = train_gpt.quantize_state_dict_int8(state)
     restored = train_gpt.dequantize_state_dict_int8(quant)
     for name in ("A_log", "dt_bias", "D", "conv_weight"):
         key = f"blocks.1.attn.ssm.{name}"
@@ -227,10 +221,9 @@ def test_host_build_model_swaps_and_counts_the_file(monkeypatch):
     for k, v in dict(NUM_LAYERS=LAYERS, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=KV_HEADS, VOCAB_SIZE=VOCAB, HYMBA_LAYERS=2).items():
         monkeypatch.setenv(k, str(v))
     args = train_gpt.Hyperparameters()
-    args.log = lambda line: None
-    model, code_files = train_gpt.build_model(args, torch.device("cpu"))
+    model, code_files = train_gpt.build_model(args, torch.device("cpu"), log=lambda line: None)
     assert isinstance(model.blocks[2].attn, HymbaLayer) and hymba_layer.__file__ in code_files
-    assert "ssm.A_log" in args.control_patterns
+    assert "ssm.A_log" in train_gpt.CONTROL_TENSOR_NAME_PATTERNS
 
 
 def test_train_gpt_trains_and_exports_a_hybrid_model(dataset, tmp_path):
@@ -261,8 +254,8 @@ def test_train_gpt_trains_and_exports_a_hybrid_model(dataset, tmp_path):
     (dict(LAYERS="-1"), "HYMBA_LAYERS='-1' is invalid"),
     (dict(LAYERS="1,1"), "HYMBA_LAYERS='1,1' is invalid: expected distinct"),
     (dict(LAYERS="1,,2"), "HYMBA_LAYERS='1,,2' is invalid"),
-    (dict(SSM_HEADS="2"), "HYMBA_LAYERS=unset is invalid"),
-    (dict(LAYERS="1", SSM_HEADS="3"), "HYMBA_SSM_HEADS='3' is invalid: expected one of [2] (NUM_HEADS=4 minus the SSM heads must be a positive multiple of NUM_KV_HEADS=2)"),
+    (dict(SSM_HEADS="2"), "HYMBA_SSM_HEADS set but HYMBA_LAYERS is empty"),
+    (dict(LAYERS="1", SSM_HEADS="3"), "HYMBA_SSM_HEADS='3' is invalid: expected one of [2] (the heads left for attention, of 4, must be a positive multiple of the 2 KV heads)"),
     (dict(LAYERS="1", SSM_HEADS="4"), "HYMBA_SSM_HEADS='4' is invalid: expected one of [2]"),
     (dict(LAYERS="1", SSM_HEADS="0"), "HYMBA_SSM_HEADS='0' is invalid"),
     (dict(LAYERS="1", SSM_HEADS="two"), "HYMBA_SSM_HEADS='two' is invalid"),
@@ -288,7 +281,7 @@ def test_default_split_that_breaks_gqa_is_reported(monkeypatch):
     """With as many KV heads as heads no head can leave attention: the default is rejected by name."""
     monkeypatch.setenv("HYMBA_LAYERS", "0")
     with pytest.raises(ValueError, match=r"HYMBA_SSM_HEADS=unset \(default 0\) is invalid: expected one of \[\]"):
-        HymbaConfig.from_env(host_args(num_kv_heads=HEADS))
+        HymbaConfig.from_env(HEADS, HEADS, HEAD_DIM, LAYERS)
 
 
 def test_mean_merge_needs_attention_width_divisible_by_ssm_heads(monkeypatch):
@@ -296,7 +289,7 @@ def test_mean_merge_needs_attention_width_divisible_by_ssm_heads(monkeypatch):
     monkeypatch.setenv("HYMBA_SSM_HEADS", "6")
     monkeypatch.setenv("HYMBA_MERGE", "mean")
     with pytest.raises(ValueError, match=r"HYMBA_MERGE='mean' is invalid: .*attention width 8 divisible by the SSM heads 6"):
-        HymbaConfig.from_env(host_args(num_heads=8, num_kv_heads=2))
+        HymbaConfig.from_env(8, 2, 4, LAYERS)
 
 
 def test_build_before_register_is_a_clear_error(monkeypatch):
@@ -304,4 +297,4 @@ def test_build_before_register_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HYMBA_LAYERS", "1")
     model = train_gpt.GPT(VOCAB, LAYERS, DIM, HEADS, KV_HEADS, 2, True, 0.005, 30.0, 10000.0, 1.5)
     with pytest.raises(RuntimeError, match="register_host_classes"):
-        build_and_swap_hymba_layers(model, host_args())
+        build_and_swap_hymba_layers(model)

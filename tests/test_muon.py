@@ -72,8 +72,9 @@ def test_untied_model_gives_the_head_its_own_adam(hparams):
     assert [o.param_groups[0]["lr"] for o in optimizers] == [0.6, 0.04, 0.04, 0.008]
 
 
-def test_extra_control_pattern_moves_a_matrix_from_muon_to_adam(hparams):
-    model, args = tiny_gpt(hparams, CONTROL_TENSOR_NAME_PATTERNS="resid_mix,attn_scale,mlp_scale,q_gain,skip_weights,c_v")
+def test_extra_control_pattern_moves_a_matrix_from_muon_to_adam(hparams, monkeypatch):
+    monkeypatch.setattr(train_gpt, "CONTROL_TENSOR_NAME_PATTERNS", ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights", "c_v"))
+    model, args = tiny_gpt(hparams)
     groups = names_by_optimizer(model, train_gpt.build_optimizers(model, args, CPU))
     c_v = [f"blocks.{i}.attn.c_v.weight" for i in range(3)]
     assert groups[1] == sorted(set(MATRICES) - set(c_v)) and groups[2] == sorted(SCALARS + c_v)
