@@ -39,6 +39,10 @@ SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "fineweb_1024_bpe.mod
 PRESETS = {
     "cpu": dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
                 TRAIN_BATCH_TOKENS=8192, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=25),
+    # the challenge's depth (9 blocks, U-Net skips), small enough for the equal-time budgets and the
+    # 200/400/800-step curve on 2 cores (README, "Does the hybrid beat the plain baseline?")
+    "l9": dict(NUM_LAYERS=9, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=128,
+               TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=50),
     "smoke": dict(NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TRAIN_SEQ_LEN=64,
                   TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=8192, ITERATIONS=6, WARMDOWN_ITERS=2, VAL_LOSS_EVERY=3),
 }

@@ -1,7 +1,15 @@
-"""Read a train_gpt.py log (logs/<RUN_ID>.txt or its console output) into a dict of numbers.
+"""Read a training log (logs/<RUN_ID>.txt or its console output) into a dict of numbers.
 
-Shared by bench_quality.py and write_submission.py. The log starts with the source code; only the
-lines after the first row of 100 "=" are read, so templates inside the source never match.
+Shared by bench_quality.py, write_submission.py and make_record.py. A log may start with the source
+code; only the lines after the first row of 100 "=" are read, so templates inside the source never
+match. Three families of logs are read, told apart by their lines (`family` in parse_log's dict):
+
+    train_gpt  this project's train_gpt.py: `device:... torch_compile:...`, `seed:N`, the score in
+               `final_int8_<c>_roundtrip_exact val_loss:X val_bpb:Y`
+    root       the challenge's root train_gpt.py: the same lines without `device:`
+    pr1493     PR #1493's record script and the records built on it: a `Hyperparameters:` block
+               (`  seed: 42`), scores as `{label} val_loss:X val_bpb:Y eval_time:Zms` (the last one
+               is the submitted score), bytes as `... quantized+<c>: N bytes`
 """
 from __future__ import annotations
 
@@ -11,6 +19,11 @@ from pathlib import Path
 SEPARATOR = "=" * 100
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.]+) val_bpb:([\d.]+) train_time:(\d+)ms")
 TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:([\d.naif]+) train_time:(\d+)ms")
+P1493_VAL_LINE = re.compile(r"^(\d+)/(\d+) val_loss: ([\d.]+) val_bpb: ([\d.]+)$")
+P1493_TRAIN_LINE = re.compile(r"^(\d+)/(\d+) train_loss: ([\d.naif]+) train_time: ([\d.]+)m ")
+SCORE_LINE = re.compile(r"^([a-z][\w -]*) val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:(\d+)ms$")
+HPARAM_LINE = re.compile(r"^  (\w+): (.*)$")
+NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")  # a GPU row of the nvidia-smi table
 FIELDS = {  # key: (pattern, converters)
     "model_params": (r"^model_params:(\d+)", (int,)),
     "seed": (r"^seed:(-?\d+)", (int,)),
@@ -19,25 +32,37 @@ FIELDS = {  # key: (pattern, converters)
     "pytorch_version": (r"^Running PyTorch (\S+)", (str,)),
     "train_shards": (r"^train_loader:dataset:(\S+) train_shards:(\d+)", (str, int)),
     "val_tokens": (r"^val_loader:shards pattern=(\S+) tokens:(\d+)", (str, int)),
-    "stopped_early": (r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/", (int, int)),
-    "model_bytes": (r"^Serialized model int8\+(\w+): (\d+) bytes", (str, int)),
+    "stopped_early": (r"^stopping_early: wallclock_cap train_time: ?(\d+)ms step: ?(\d+)/", (int, int)),
+    "model_bytes": (r"^Serialized model (?:int8|quantized)\+(\w+): (\d+) bytes", (str, int)),
     "code_bytes": (r"^Code size: (\d+) bytes", (int,)),
-    "total_bytes": (r"^Total submission size int8\+\w+: (\d+) bytes", (int,)),
+    "total_bytes": (r"^Total submission size (?:int8|quantized)\+\w+: (\d+) bytes", (int,)),
     "roundtrip": (r"^final_int8_\w+_roundtrip val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:(\d+)ms", (int,)),
     "roundtrip_exact": (r"^final_int8_\w+_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", (float, float)),
     "hymba_layers": (r"^hymba:layer (\d+)", (int,)),
+    "p1493_train_shards": (r"^train_shards: (\d+)$", (int,)),
+    "p1493_val_tokens": (r"^val_tokens: (\d+)$", (int,)),
+    "gpu": (NVIDIA_SMI_GPU.pattern, (str,)),
 }
+PRE_QUANT_LABEL = "pre-quantization post-ema"
 
 
 def parse_log(path: str | Path) -> dict:
-    """Numbers of one run. Keys always present: `val` [(step, val_loss, val_bpb, train_ms)], `train`
-    [(step, train_loss, train_ms)], `iterations`; the FIELDS keys when their line was logged
-    (hymba_layers: a list of the swapped layer indices)."""
+    """Numbers of one run. Keys always present: `family`, `val` [(step, val_loss, val_bpb, train_ms)],
+    `train` [(step, train_loss, train_ms)], `iterations`, `scores` [(label, val_loss, val_bpb, eval_ms)],
+    `hparams` {name: text}; the FIELDS keys when their line was logged (hymba_layers: a list of the
+    swapped layer indices). A pr1493 log's own lines are filed under the same keys (seed, world_size,
+    train_shards, val_tokens; val lines carry train_ms None), and where no `device:` line was logged,
+    `device` is the GPU the nvidia-smi table names."""
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     if SEPARATOR in lines:
         lines = lines[lines.index(SEPARATOR) + 1 :]
-    out: dict = {"val": [], "train": [], "iterations": None, "hymba_layers": []}
+    out: dict = {"val": [], "train": [], "iterations": None, "hymba_layers": [], "scores": [], "hparams": {}}
+    in_hparams = False
     for line in lines:
+        if in_hparams and (m := HPARAM_LINE.match(line)):
+            out["hparams"][m[1]] = m[2]
+            continue
+        in_hparams = line == "Hyperparameters:"
         if m := VAL_LINE.match(line):
             out["val"].append((int(m[1]), float(m[3]), float(m[4]), int(m[5])))
             out["iterations"] = int(m[2])
@@ -46,6 +71,16 @@ def parse_log(path: str | Path) -> dict:
             out["train"].append((int(m[1]), float(m[3]), int(m[4])))
             out["iterations"] = int(m[2])
             continue
+        if m := P1493_VAL_LINE.match(line):
+            out["val"].append((int(m[1]), float(m[3]), float(m[4]), None))
+            out["iterations"] = int(m[2])
+            continue
+        if m := P1493_TRAIN_LINE.match(line):
+            out["train"].append((int(m[1]), float(m[3]), round(float(m[4]) * 60_000)))  # logged in minutes, 0.1 m steps
+            out["iterations"] = int(m[2])
+            continue
+        if m := SCORE_LINE.match(line):
+            out["scores"].append((m[1], float(m[2]), float(m[3]), int(m[4])))  # final_int8_*_roundtrip lands here too
         for key, (pattern, kinds) in FIELDS.items():
             if m := re.match(pattern, line):
                 values = tuple(k(v) for k, v in zip(kinds, m.groups()))
@@ -55,11 +90,49 @@ def parse_log(path: str | Path) -> dict:
                 else:
                     out[key] = value
                 break
+    out["family"] = "pr1493" if out["hparams"] else "train_gpt" if "device" in out else "root"
+    if out["family"] == "pr1493":
+        file_pr1493_lines(out)
+    if "device" not in out and "gpu" in out:
+        out["device"] = (out["gpu"], None)
     return out
+
+
+def file_pr1493_lines(out: dict) -> None:
+    """File what a pr1493 log says in its own words under the keys the other families use."""
+    h = out["hparams"]
+    if h.get("seed", "").lstrip("-").isdigit():
+        out["seed"] = int(h["seed"])
+    if h.get("world_size", "").isdigit() and h.get("grad_accum_steps", "").isdigit():
+        out["world_size"] = (int(h["world_size"]), int(h["grad_accum_steps"]))
+    if "p1493_train_shards" in out:
+        out["train_shards"] = (Path(h.get("datasets_dir", "?")).name, out.pop("p1493_train_shards"))
+    if "p1493_val_tokens" in out:
+        out["val_tokens"] = (h.get("val_files", "?"), out.pop("p1493_val_tokens"))
+
+
+def promised_scores(hparams: dict) -> list[str]:
+    """The score labels a pr1493 run logs by its flags, in order (P1493's train_and_eval)."""
+    on = lambda flag: hparams.get(flag) == "True"
+    labels = [PRE_QUANT_LABEL, "quantized"]
+    if on("sliding_window_enabled"):
+        labels.append("quantized_sliding_window")
+        labels += ["quantized_ttt"] if on("ttt_enabled") else []
+        labels += ["quantized_sliding_etlb"] if on("etlb_enabled") else []
+    return labels
+
+
+def score_label(run: dict) -> str:
+    """The label of the line a finished run's submitted val_bpb comes from."""
+    if run["family"] == "pr1493":
+        return run["scores"][-1][0]
+    return f"final_int8_{run['model_bytes'][0]}_roundtrip_exact"
 
 
 def final_numbers(run: dict) -> dict:
     """The scored numbers of a finished run, or a ValueError saying which final line is missing."""
+    if run.get("family") == "pr1493":
+        return final_numbers_pr1493(run)
     for key, line in (("roundtrip_exact", "final_int8_*_roundtrip_exact"), ("total_bytes", "Total submission size int8+*"),
                       ("model_bytes", "Serialized model int8+*"), ("code_bytes", "Code size"), ("roundtrip", "final_int8_*_roundtrip")):
         if key not in run:
@@ -71,3 +144,27 @@ def final_numbers(run: dict) -> dict:
                 pre_quant_val_bpb=pre_bpb, step_stop=step, train_ms=train_ms, bytes_total=run["total_bytes"],
                 bytes_code=run["code_bytes"], bytes_model=run["model_bytes"][1], compressor=run["model_bytes"][0],
                 eval_ms=run["roundtrip"])
+
+
+def final_numbers_pr1493(run: dict) -> dict:
+    """final_numbers of a pr1493 log: the score is the last score line, pre-quant the EMA model's score,
+    the stop from `stopping_early` (else the last val line, and the last train line's time)."""
+    for key, line in (("total_bytes", "Total submission size quantized+*"), ("model_bytes", "Serialized model quantized+*"),
+                      ("code_bytes", "Code size")):
+        if key not in run:
+            raise ValueError(f"the log has no '{line}' line: the run did not finish its export")
+    scores = {label: (loss, bpb, ms) for label, loss, bpb, ms in run["scores"]}
+    for label in promised_scores(run["hparams"]):
+        if label not in scores:
+            raise ValueError(f"the log has no '{label} val_loss:... val_bpb:... eval_time:...ms' line: the run did not finish its evaluation")
+    if "stopped_early" in run:
+        train_ms, step = run["stopped_early"]
+    elif run["val"] and run["train"]:
+        step, train_ms = run["val"][-1][0], run["train"][-1][2]
+    else:
+        raise ValueError("the log has no 'stopping_early: ...' nor 'N/M val_loss: ...' line: the run never reached its stop")
+    _, val_loss, val_bpb, eval_ms = run["scores"][-1]
+    pre_loss, pre_bpb, _ = scores[PRE_QUANT_LABEL]
+    return dict(val_loss=val_loss, val_bpb=val_bpb, pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb, step_stop=step,
+                train_ms=train_ms, bytes_total=run["total_bytes"], bytes_code=run["code_bytes"],
+                bytes_model=run["model_bytes"][1], compressor=run["model_bytes"][0], eval_ms=eval_ms)

@@ -1,12 +1,15 @@
-"""Write submission.json from one or more train_gpt.py logs (one per seed).
+"""Write submission.json from one or more training logs (one per seed).
 
     python tools/write_submission.py train.log --out submission.json --author "Name" --github-id you \\
         --name "Hymba hybrid heads" --blurb "..." --dataset "FineWeb sp1024 (challenge shards)"
 
-Every number comes from the logs: val_loss/val_bpb are the int8 roundtrip scores (the mean over
-seeds when several logs are given), pre-quant values are the last in-training validation, bytes
-are the logged artifact accounting. A log without its final lines, or whose artifact is over
-16,000,000 bytes, is refused. The file is written atomically.
+Every number comes from the logs: val_loss/val_bpb are the submitted scores (the mean over seeds
+when several logs are given), pre-quant values are the last in-training validation (PR #1493
+family: the `pre-quantization post-ema` score), bytes are the logged artifact accounting. A log
+without its final lines, or whose artifact is over 16,000,000 bytes, is refused. The file is
+written atomically. Logs of this project's train_gpt.py, of the challenge's root script and of
+PR #1493-family scripts are read (tools/logparse.py); a log that names no seed takes it from
+--seeds, given in log order. make_record.py builds a whole record folder on these functions.
 """
 from __future__ import annotations
 
@@ -19,13 +22,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from logparse import final_numbers, parse_log  # noqa: E402
+from logparse import final_numbers, parse_log, score_label  # noqa: E402
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
 TRACKS = ("10min_16mb", "non-record-16mb", "non-record-unlimited-compute-16mb")
 
 
-def read_run(path: str) -> dict:
+def seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated integers, one per log, in log order."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer seeds (e.g. 1337,42,2025)") from None
+
+
+def read_run(path: str, seed: int | None = None) -> dict:
+    """One log's numbers for submission.json, or a ValueError naming the file and what is wrong.
+    `seed` (from --seeds) stands in for a log that names none; it must agree with one that does."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such log file")
     run = parse_log(path)
@@ -35,26 +48,43 @@ def read_run(path: str) -> dict:
         raise ValueError(f"{path}: {e}") from None
     if numbers["bytes_total"] > ARTIFACT_LIMIT_BYTES:
         raise ValueError(f"{path}: artifact is {numbers['bytes_total']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit")
-    for key in ("seed", "device", "world_size", "pytorch_version", "train_shards"):
+    if seed is not None and run.get("seed", seed) != seed:
+        raise ValueError(f"{path}: the log says seed {run['seed']} but --seeds gives {seed}; give --seeds in log order, or leave it out")
+    if seed is None and "seed" not in run:
+        raise ValueError(f"{path}: the log names no seed ({run['family']} log); give one seed per log, in log order, "
+                         "with --seeds (e.g. --seeds 1337,42,2025)")
+    for key in ("device", "world_size", "pytorch_version", "train_shards"):
         if key not in run:
-            raise ValueError(f"{path}: the log has no '{key}' line; is it a train_gpt.py log?")
-    return {**numbers, "seed": run["seed"], "device": run["device"][0], "world_size": run["world_size"][0],
+            raise ValueError(f"{path}: the log has no '{key}' line; is it a training log (train_gpt.py, root or PR #1493 family)?")
+    return {**numbers, "log": path, "family": run["family"], "score_label": score_label(run),
+            "seed": run.get("seed", seed), "device": run["device"][0], "world_size": run["world_size"][0],
             "pytorch_version": run["pytorch_version"], "dataset_dir": run["train_shards"][0],
             "train_shards": run["train_shards"][1], "val_tokens": run.get("val_tokens", (None, None))[1],
             "hymba_layers": run["hymba_layers"]}
 
 
-def build_submission(paths: list[str], meta: dict) -> dict:
-    runs = [read_run(p) for p in paths]
+def read_runs(paths: list[str], seeds: list[int] | None = None) -> list[dict]:
+    """read_run of each log, with its seed from --seeds when given (one per log, in log order)."""
+    if seeds is not None and len(seeds) != len(paths):
+        raise ValueError(f"--seeds gives {len(seeds)} seeds ({seeds}) for {len(paths)} logs: give one seed per log, in log order")
+    return [read_run(p, seed) for p, seed in zip(paths, seeds or [None] * len(paths))]
+
+
+def build_submission(runs: list[dict], meta: dict) -> dict:
+    """submission.json's fields from read_runs' runs (the seeds of one configuration) and the
+    author's meta: the scores are the means over seeds, single-run fields those of the first log."""
     seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"logs repeat a seed ({seeds}): give one log per seed")
-    for key in ("device", "world_size", "pytorch_version", "dataset_dir", "hymba_layers"):
+    for i, run in enumerate(runs):
+        if run["seed"] in seeds[:i]:
+            twin = runs[seeds.index(run["seed"])]["log"]
+            raise ValueError(f"logs repeat a seed: {twin} and {run['log']} are both seed {run['seed']}; give one log per seed")
+    for key in ("family", "device", "world_size", "pytorch_version", "dataset_dir", "hymba_layers"):
         if len({str(r[key]) for r in runs}) > 1:
             raise ValueError(f"logs disagree on {key}: {[r[key] for r in runs]}; they must be seeds of one configuration")
     mean = lambda key: statistics.fmean(r[key] for r in runs)
     first = runs[0]
     hardware = first["device"] if first["device"] == "cpu" else f"{first['world_size']}x{first['device']}"
+    scheme = "quantized" if first["family"] == "pr1493" else "int8"  # as the log's bytes lines name it
     return {
         "author": meta["author"], "github_id": meta["github_id"], "name": meta["name"], "blurb": meta["blurb"],
         "date": meta["date"], "track": meta["track"],
@@ -62,7 +92,7 @@ def build_submission(paths: list[str], meta: dict) -> dict:
         "val_bpb_std": round(statistics.stdev(r["val_bpb"] for r in runs), 8) if len(runs) > 1 else 0.0,
         "pre_quant_val_loss": round(mean("pre_quant_val_loss"), 8), "pre_quant_val_bpb": round(mean("pre_quant_val_bpb"), 8),
         "bytes_total": max(r["bytes_total"] for r in runs), "bytes_code": first["bytes_code"],
-        f"bytes_model_int8_{first['compressor']}": max(r["bytes_model"] for r in runs),
+        f"bytes_model_{scheme}_{first['compressor']}": max(r["bytes_model"] for r in runs),
         "step_stop": first["step_stop"], "wallclock_seconds": round(first["train_ms"] / 1000, 3),
         "eval_time_seconds": round(first["eval_ms"] / 1000, 3),
         "hardware": hardware, "pytorch_version": first["pytorch_version"],
@@ -74,12 +104,15 @@ def build_submission(paths: list[str], meta: dict) -> dict:
     }
 
 
+def json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(json_text(obj))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -88,7 +121,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("logs", nargs="+", help="train_gpt.py log files, one per seed")
+    p.add_argument("logs", nargs="+", help="training log files, one per seed")
     p.add_argument("--out", default="submission.json", help="output path (default: submission.json)")
     p.add_argument("--author", required=True)
     p.add_argument("--github-id", required=True)
@@ -97,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--track", default="non-record-16mb", choices=TRACKS)
     p.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD (default: today)")
     p.add_argument("--dataset", default="", help="what data the run used (default: the shard folder named in the log)")
+    p.add_argument("--seeds", type=seed_list, help="the seed of each log, in log order, for logs that name none (e.g. 1337,42,2025)")
     args = p.parse_args(argv)
     try:
         datetime.date.fromisoformat(args.date)
-        submission = build_submission(args.logs, vars(args))
+        submission = build_submission(read_runs(args.logs, args.seeds), vars(args))
     except ValueError as e:
         print(f"write_submission.py: error: {e}", file=sys.stderr)
         return 2
