@@ -194,14 +194,16 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
 
 CastedLinear = Rotary = apply_rotary_emb = None  # the host's, set by register_host_classes
 host_namespace: dict = {}  # the host module's globals (see the contract above)
+host_flash_attention = None  # the host's flash_attn_3_func, if it has one
 
 
 def register_host_classes(casted_linear: type, rotary: type, rotary_emb) -> None:
     """Build hybrid layers from the host's CastedLinear, Rotary and apply_rotary_emb, so their attention
     heads compute what the host's attention does; the module defining CastedLinear is the host."""
-    global CastedLinear, Rotary, apply_rotary_emb, host_namespace
+    global CastedLinear, Rotary, apply_rotary_emb, host_namespace, host_flash_attention
     CastedLinear, Rotary, apply_rotary_emb = casted_linear, rotary, rotary_emb
     host_namespace = vars(sys.modules[casted_linear.__module__])
+    host_flash_attention = host_namespace.get("flash_attn_3_func")
 
 
 def require_host() -> None:
@@ -211,9 +213,8 @@ def require_host() -> None:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal GQA attention with the host's kernel; q (batch, T, heads, D), k/v (batch, T, kv_heads, D)."""
-    flash = host_namespace.get("flash_attn_3_func")
-    if flash is not None:
-        return flash(q, k, v, causal=True)
+    if host_flash_attention is not None:
+        return host_flash_attention(q, k, v, causal=True)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
@@ -353,8 +354,9 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
     """Replace model.blocks[i].attn with a HymbaLayer for each i in HYMBA_LAYERS and return those indices;
     without HYMBA_LAYERS, change nothing and return []. Logs one line per layer (rank 0)."""
     require_host()
-    if "HYMBA_LAYERS" not in hymba_env():
-        stray = sorted(hymba_env())
+    env = hymba_env()
+    if "HYMBA_LAYERS" not in env:
+        stray = sorted(env)
         if stray:
             raise ValueError(f"{', '.join(stray)} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to swap in hybrid layers, or unset them")
         return []
