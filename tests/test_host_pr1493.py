@@ -17,10 +17,10 @@ from conftest import TOKENIZERS, corpus_docs, grab, write_shard
 from hosts import host_env, patch_host, write_script
 
 # 4 blocks x 256 (4 heads of 64, 2 KV heads, RoPE on 16 dims), blocks 1-2 looped twice from 30% of training,
-# XSA on every block, parallel residuals from block 3; 8 x 1024 tokens per step (8 micro-steps)
+# XSA on every block, parallel residuals from block 3; 2 x 1024 tokens per step (8 micro-steps of 2 x 128)
 TINY = dict(RUN_ID="run", SEED=1337, VOCAB_SIZE=8192, NUM_LAYERS=4, MODEL_DIM=256, EMBEDDING_DIM=256, NUM_HEADS=4,
             NUM_KV_HEADS=2, MLP_MULT=4, TRAIN_SEQ_LEN=128, ROPE_TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128, EVAL_STRIDE=64,
-            TRAIN_BATCH_TOKENS=8192, VAL_BATCH_TOKENS=16384, ITERATIONS=6, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=1,
+            TRAIN_BATCH_TOKENS=2048, VAL_BATCH_TOKENS=16384, ITERATIONS=6, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=1,
             MAX_WALLCLOCK_SECONDS=0, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, ENABLE_LOOPING_AT=0.3, PARALLEL_RESIDUAL_START=3,
             XSA_LAST_N=4, ROPE_DIMS=16, GPTQ_CALIBRATION_BATCHES=2, GPTQ_RESERVE_SECONDS=0, COMPRESSOR="lzma",
             TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1)
@@ -96,7 +96,7 @@ def test_gptq_quantizes_every_big_hybrid_tensor_with_a_hessian(hybrid):
 
 
 def test_patched_script_without_hymba_trains_exactly_like_the_original(tmp_path_factory, data_dir):
-    short = {**TINY, "ITERATIONS": 3, "DATA_DIR": f"{data_dir}/", "SLIDING_WINDOW_ENABLED": 0}
+    short = {**TINY, "ITERATIONS": 3, "MODEL_DIM": 128, "EMBEDDING_DIM": 128, "DATA_DIR": f"{data_dir}/", "SLIDING_WINDOW_ENABLED": 0}
     original = run(tmp_path_factory.mktemp("original"), False, **short)
     patched = run(tmp_path_factory.mktemp("patched"), True, **short)
     losses = lambda out: re.findall(r"^\d+/3 train_loss: [\d.]+", out, re.M)
