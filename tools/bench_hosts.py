@@ -84,7 +84,7 @@ def script_for(kind: str, patched: bool, folder: Path) -> Path:
 
 def run_one(family: str, name: str, seed: int, data_env: dict, out: Path) -> dict:
     kind, patched, extra = RUNS[family][name]
-    folder = out / "runs" / f"{name.replace(' ', '_').replace('+', '_')}_s{seed}"
+    folder = (out / "runs" / f"{name.replace(' ', '_').replace('+', '_')}_s{seed}").resolve()
     log = folder / "logs" / "run.txt"
     if not (log.exists() and parse_log(log)["scores"]):
         folder.mkdir(parents=True, exist_ok=True)
