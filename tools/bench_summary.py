@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -69,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         lines += [f"### Equal {kind}", "", *head]
         for b in chosen:
-            x = b["pairs"][0][1]["step_stop"] if kind == "steps" else round(b["pairs"][0][1]["train_ms"] / 1000)
-            label = f"{x} steps" if kind == "steps" else f"{x} s"
+            if kind == "steps":
+                x = b["pairs"][0][1]["step_stop"]
+                label = f"{x} steps"
+            else:  # the cap, as bench_quality.py's header states it
+                x = float(re.search(r"trains for ([\d.]+) s", (b["folder"] / "results.md").read_text(encoding="utf-8"))[1])
+                label = f"{x:g} s cap"
             text, deltas = row(label, b)
             lines.append(text)
             curves[kind].append((x, deltas))
