@@ -2,14 +2,16 @@
 (tiny) train_gpt.py runs, and the speed benchmark's quick setting."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, grab, run_train_gpt, tiny_config
+from conftest import REPO, clean_env, grab, run_train_gpt, tiny_config
 
 sys.path.insert(0, str(REPO / "tools"))
+import bench_gpu  # noqa: E402
 import bench_quality  # noqa: E402
 import write_submission  # noqa: E402
 
@@ -105,15 +107,90 @@ def test_quality_benchmark_rejects_unknown_config(capsys):
     assert "unknown ['nope']" in capsys.readouterr().err
 
 
-def test_speed_benchmark_quick_writes_every_table(tmp_path):
-    """Timings are not asserted (a shared CPU is noisy): every table is there, activation bytes were
-    counted and the scan's error against the fp64 loop is tiny."""
+def markdown_tables(text: str) -> dict[str, tuple[str, list[dict[str, str]]]]:
+    """Each '## ' section of a markdown report: title -> (its text, its table as rows of {header: cell})."""
+    out = {}
+    for section in text.split("\n## ")[1:]:
+        title = section.splitlines()[0]
+        table = [[c.strip() for c in l.split("|")[1:-1]] for l in section.splitlines() if l.startswith("|") and "---" not in l]
+        out[title] = (section, [dict(zip(table[0], row)) for row in table[1:]] if table else [])
+    return out
+
+
+def section(tables: dict, prefix: str) -> tuple[str, list[dict[str, str]]]:
+    [title] = [t for t in tables if t.startswith(prefix)]
+    return tables[title]
+
+
+def within_rounding(shown: float, a: float, b: float, digits: int, time_digits: int = 2) -> bool:
+    """shown, printed with `digits` decimals, is a / b, where a and b were printed with `time_digits`."""
+    half = 0.5 * 10**-time_digits
+    return abs(shown - a / b) <= 0.5 * 10**-digits + a / b * (half / a + half / b)
+
+
+def test_speed_benchmark_quick_reports_consistent_numbers(monkeypatch, tmp_path):
+    """Timings themselves are not asserted (a shared CPU is noisy), but every number derived from them is
+    checked against the table: each time ratio, speedup and "vs fastest" is the ratio of the printed times;
+    the parameter counts are those of the layers built here from the same config; the scan's error against
+    the fp64 loop is a small positive number. Columns are found by header, so added columns do not matter."""
     out = tmp_path / "speed.md"
     subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    layer, scan, chunk = out.read_text().split("\n## ")[1:]
-    rows = lambda section: [[c.strip() for c in l.split("|")[1:-1]] for l in section.splitlines() if l.startswith("| ") and "---" not in l][1:]
-    assert [r[0] for r in rows(layer)] == ["attention", "hybrid"] and all(float(r[3]) > 0 for r in rows(layer))
-    assert "hybrid / attention time: **" in layer
-    assert [r[0] for r in rows(scan)] == ["64", "256"] and all(float(r[5]) < 1e-5 for r in rows(scan))
-    assert [r[0] for r in rows(chunk)] == ["16", "64"] and min(float(r[2][:-1]) for r in rows(chunk)) == 1.0
+                   check=True, capture_output=True, env=clean_env())
+    tables = markdown_tables(out.read_text())
+
+    import hymba_layer
+    import train_gpt
+    for k in [k for k in os.environ if k.startswith("HYMBA_")]:
+        monkeypatch.delenv(k)
+    hymba_layer.register_host_classes(train_gpt.CastedLinear, train_gpt.Rotary, train_gpt.apply_rotary_emb)
+    cfg = hymba_layer.HymbaConfig.from_env(4, 2, 16)  # --quick: width 64, 4 heads, 2 KV heads
+    params = {"attention": train_gpt.CausalSelfAttention(64, 4, 2, 10000.0, 1.5),
+              "hybrid": hymba_layer.HymbaLayer(64, 4, 2, 10000.0, 1.5, cfg=cfg)}
+    text, rows = section(tables, "One layer")
+    assert {r["layer"]: int(r["params"]) for r in rows} == {n: sum(p.numel() for p in m.parameters()) for n, m in params.items()}
+    ms = {(r["layer"], col.removesuffix(" ms")): float(r[col]) for r in rows for col in r if col.endswith(" ms") and r[col] != "-"}
+    shown = re.findall(r"\*\*([\d.]+)x\*\* (\w+)", text)  # "hybrid / attention time: **1.57x** eager, ..."
+    assert ("attention", "eager") in ms and {mode for _, mode in shown} == {mode for _, mode in ms}
+    assert all(within_rounding(float(r), ms["hybrid", mode], ms["attention", mode], 2) for r, mode in shown)
+
+    text, rows = section(tables, "Whole training step")
+    assert len(rows) == 2 and rows[0]["model"] == "baseline" and rows[1]["model"].startswith("HYMBA_LAYERS=")
+    assert int(rows[1]["params"]) != int(rows[0]["params"])  # the hybrid run really swapped a layer
+    ratio = dict((mode, float(r)) for r, mode in re.findall(r"\*\*([\d.]+)x\*\* (\w+)", text))["eager"]
+    assert within_rounding(ratio, float(rows[1]["eager ms"]), float(rows[0]["eager ms"]), 2, time_digits=1)
+
+    _, rows = section(tables, "Scan, forward")
+    assert [r["T"] for r in rows] == ["64", "256"]
+    assert all(r["shape"] == f"2 x {cfg.ssm_heads} x 16 x {cfg.ssm_state}" for r in rows)
+    assert all(within_rounding(float(r["speedup"][:-1]), float(r["reference ms"]), float(r["ssd_scan ms"]), 1) for r in rows)
+    assert all(0 < float(r["max rel err"]) < 1e-5 for r in rows)
+
+    _, rows = section(tables, "Scan chunk size")
+    assert [r["Q"] for r in rows] == ["16", "64"]
+    fastest = min(float(r["median ms"]) for r in rows)
+    assert all(within_rounding(float(r["vs fastest"][:-1]), float(r["median ms"]), fastest, 2) for r in rows)
+
+
+def test_gpu_benchmark_refuses_without_cuda(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: False)
+    assert bench_gpu.main(["--out", str(tmp_path / "gpu.md")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "bench_gpu.py: error: CUDA is not available: this benchmark times the GPU step (tools/bench_speed.py times the CPU)"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_benchmark_whole_path_runs_on_cpu(tmp_path):
+    """The hidden --device cpu --tiny: both GPTs built, compiled (dynamo, with the eager backend: no C++
+    compiler), stepped and timed without a recompile, and the scan's bf16 error measured."""
+    out = tmp_path / "gpu.md"
+    subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--device", "cpu", "--tiny", "--backend", "eager",
+                    "--samples", "2", "--out", str(out)], check=True, capture_output=True, env=clean_env())
+    text = out.read_text()
+    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in text.split("\n## ")[0].splitlines() if l.startswith("| ") and "---" not in l]
+    steps = [dict(zip(rows[0], r)) for r in rows[1:]]
+    assert [r["model"] for r in steps] == ["baseline", "HYMBA_LAYERS=0"] and int(steps[1]["params"]) > int(steps[0]["params"])
+    assert all(float(r["median step ms"]) > 0 and float(r["compile s"]) > 0 for r in steps)
+    ratio = float(re.search(r"HYMBA_LAYERS=0 / baseline step time: \*\*([\d.]+)x\*\*", text).group(1))
+    assert abs(ratio - float(steps[1]["median step ms"]) / float(steps[0]["median step ms"])) < 0.01
+    _, scan = section(markdown_tables(text), "ssd_scan")
+    assert [r["scan"] for r in scan] == ["eager", "compiled"] and all(1e-4 < float(r["max abs err / max abs reference"]) < 2e-2 for r in scan)
