@@ -141,7 +141,7 @@ def test_out_of_range_setting_names_variable_value_and_what_is_valid(hparams, se
 @pytest.mark.parametrize("settings, fragments", [
     (dict(NUM_HEADS="x"), ["NUM_HEADS='x' is invalid: expected a positive int"]),
     (dict(NUM_KV_HEADS=3, NUM_HEADS=2), ["NUM_KV_HEADS=3 is invalid: it must divide NUM_HEADS=2"]),
-    (dict(HYMBA_D_STATE=16), ["HYMBA_D_STATE set but HYMBA_LAYERS is empty"]),
+    (dict(HYMBA_SSM_STATE=16), ["HYMBA_SSM_STATE set but HYMBA_LAYERS is empty"]),
 ], ids=["non_numeric", "kv_heads_not_dividing_heads", "hymba_setting_without_layers"])
 def test_bad_config_prints_one_line_exits_2_and_writes_nothing(tmp_path, cwd, tokenizer, settings, fragments):
     proc = launch(cwd, tiny(make_data(tmp_path, tokenizer[1]), tokenizer, **settings))
