@@ -1,26 +1,28 @@
-"""Hybrid attention + SSM layers for train_gpt.py (Hymba-style parallel heads).
+"""Hybrid attention + SSM heads for train_gpt.py (Hymba-style parallel heads, Mamba-2's duality).
 
-A HymbaLayer replaces a block's CausalSelfAttention: some of its heads stay the host's GQA attention
-(RMS-normed q/k, RoPE, q_gain, the host's attention kernel), the others become Mamba-2 (SSD) heads
-reading the same input, and one output projection merges the two. The scan is plain PyTorch (cumsum,
-exp, matmuls), so the whole model still compiles with torch.compile(fullgraph=True).
+A Mamba-2 (SSD) head is decayed linear attention: with C = q, B = k and x = v it computes
+    S_t = a_t S_{t-1} + (dt_t x_t) B_t^T   (S is P x N: head dim x state),   y_t = S_t C_t + D x_t.
+So in a hybrid layer the SSM heads are some of the attention layer's OWN heads: they read the q, k, v rows
+the host already projected, normed and rotated, and only small dynamics are added per layer (dt weights
+read from the head's value row, A_log, dt_bias, D, optional conv taps: a few hundred numbers). The host's
+weights, banks, gates, Hessians and LoRA cover the SSM heads unchanged. The scan is plain PyTorch
+(cumsum, exp, matmuls), so the model still compiles with torch.compile(fullgraph=True).
 
-Host contract - all the module needs from a train_gpt.py, and how it finds it:
-  1. register_host_classes(CastedLinear, Rotary, apply_rotary_emb), called once after those three are
-     defined. The module where CastedLinear lives is "the host" for everything below.
-  2. build_and_swap_hymba_layers(model) right after the model is built, before the optimizers: for each
-     index in HYMBA_LAYERS, model.blocks[i].attn becomes a HymbaLayer (a no-op without HYMBA_LAYERS).
-     The shape comes from the replaced attention (c_q, num_heads, num_kv_heads, head_dim, q_gain); the
-     hybrid layer takes over its rotary and the flags the host set on it (rope_dims: partial RoPE,
-     use_xsa: XSA), and lives at the same name, so hooks on `.attn.` CastedLinears (GPTQ) see it.
-  3. Routing by name patterns: every module-level tuple/list of strings in the host whose name ends in
-     _NAME_PATTERNS (CONTROL_TENSOR_NAME_PATTERNS, INT8_KEEP_FLOAT_FP32_NAME_PATTERNS) gets
-     CONTROL_PATTERNS appended, so the host keeps the SSM dynamics in fp32, trains them with Adam and
-     exports them unquantized where it can. Every hybrid parameter is 1-D or 2-D, as both hosts expect.
-  4. Attention kernel: the host's module-level flash_attn_3_func(q, k, v, causal=True) on
-     (batch, T, heads, head_dim) when it has one (FA3 record scripts), else F.scaled_dot_product_attention
-     (is_causal=True), as the root script. Only a plain causal mask is ever asked of it.
-HymbaLayer also has CausalSelfAttention's constructor, so a host may swap it in by class.
+Host contract - everything this module reads from a host script:
+  1. build_and_swap_hymba_layers(model) after each model build: for each index in HYMBA_LAYERS the attention
+     module model.blocks[i].attn gets a HybridHeads child `.hymba` (a no-op without HYMBA_LAYERS). It reads
+     the attention's int attributes num_heads, num_kv_heads (fewer than num_heads or equal; at least 2 KV
+     groups, so attention and SSM heads each get whole groups) and head_dim.
+  2. Every attention-kernel call of such a module goes through hymba_attention(layer, kernel, q, k, v, ...)
+     (tools/patch_host.py rewrites the host's calls): F.scaled_dot_product_attention on (batch, heads, T,
+     head_dim) with is_causal=True and no mask; flash_attn_3_func(q, k, v, causal=True) on (batch, T, heads,
+     head_dim); flash_attn_varlen_func on packed (tokens, heads, head_dim) with cu_seqlens_q == cu_seqlens_k,
+     causal=True and no window - there the SSM state and conv restart at every segment. The first heads stay
+     the host's attention (its kernel), the last HYMBA_SSM_HEADS are SSM heads; the swap refuses a module
+     whose forward does not call hymba_attention.
+  3. Routing by name: the host's module-level CONTROL_TENSOR_NAME_PATTERNS (optimizer: Adam and fp32, as
+     every challenge host reads it) and INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (root export: kept fp32), where
+     they exist, get CONTROL_PATTERNS appended; the host finds them in the module that defines type(model).
 """
 from __future__ import annotations
 
@@ -35,11 +37,11 @@ from torch import Tensor, nn
 
 # ----------------------------------------------------------------------------- configuration
 
-ENV_VARS = ("HYMBA_LAYERS", "HYMBA_SSM_HEADS", "HYMBA_SSM_STATE", "HYMBA_SCAN_CHUNK", "HYMBA_GROUPS",
-            "HYMBA_CONV", "HYMBA_GATE", "HYMBA_MERGE", "HYMBA_META_TOK", "HYMBA_KV_SHARE")
-# substrings of the hybrid layers' dynamics tensors: the host keeps them fp32, trains them with Adam
-# and exports them unquantized (bf16 or int8 decay rates make the scan drift or blow up)
-CONTROL_PATTERNS = ("ssm.A_log", "ssm.dt_bias", "ssm.D", "ssm.conv_weight", "merge_gain", "meta_kv")
+ENV_VARS = ("HYMBA_LAYERS", "HYMBA_SSM_HEADS", "HYMBA_SCAN_CHUNK", "HYMBA_CONV")
+# every dynamics tensor lives under `.attn.hymba.`: the host keeps them fp32, trains them with Adam (Muon
+# only takes big matrices) and exports them unquantized where it can (int8 decay rates make the scan drift)
+CONTROL_PATTERNS = (".hymba.",)
+HOST_PATTERN_LISTS = ("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS")
 
 
 def hymba_env() -> dict[str, str]:
@@ -53,22 +55,16 @@ def hymba_env() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class HymbaConfig:
-    """One field per HYMBA_* env var; defaults measured (README, "Why these defaults")."""
+    """One field per HYMBA_* env var; defaults measured (RESULTS.md)."""
 
-    ssm_heads: int           # HYMBA_SSM_HEADS: how many of the layer's heads become SSM heads (default: about half)
-    layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to swap, "0" or "0,1"
-    ssm_state: int = 16      # HYMBA_SSM_STATE: N, state size per SSM head
-    scan_chunk: int = 64     # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
-    groups: int = 1          # HYMBA_GROUPS: G, groups of SSM heads that share B and C
-    conv: int = 4            # HYMBA_CONV: kernel of the causal depthwise conv on x, B, C (0 = off)
-    gate: bool = True        # HYMBA_GATE: SiLU output gate on the SSM heads
-    merge: str = "concat"    # HYMBA_MERGE: concat | mean (see HymbaLayer)
-    meta_tok: int = 0        # HYMBA_META_TOK: learned key/value prefix entries per layer (0 = off)
-    kv_share: bool = False   # HYMBA_KV_SHARE: a hybrid layer right after another reuses its K/V projections
+    ssm_heads: int                # HYMBA_SSM_HEADS: how many of the layer's last heads are SSM heads (whole KV groups)
+    layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to make hybrid, "0" or "0,5"
+    scan_chunk: int = 64          # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
+    conv: int = 0                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' q, k, v (0 = off)
 
     @classmethod
-    def from_env(cls, num_heads: int, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> HymbaConfig:
-        """The HYMBA_* env vars checked against the host's shape. HYMBA_LAYERS is read when num_layers is given."""
+    def from_env(cls, num_heads: int, num_kv_heads: int, num_layers: int) -> HymbaConfig:
+        """The HYMBA_* env vars checked against the host's shape."""
         env = hymba_env()
 
         def read(name, default, ok, valid, parse=int):
@@ -82,33 +78,18 @@ class HymbaConfig:
                 raise ValueError(f"{name}={shown} is invalid: expected {valid}")
             return value
 
-        layers = ()
-        if num_layers is not None:
-            layers = tuple(sorted(read("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < num_layers for i in v),
-                                       f"distinct comma-separated block indices in 0..{num_layers - 1}",
-                                       parse=lambda s: tuple(int(i) for i in s.split(",")))))
-        adjacent = any(j - i == 1 for i, j in zip(layers, layers[1:]))
-        # attention keeps a positive multiple of the KV heads (GQA); the default gives the SSM about half
-        splits = [s for s in range(1, num_heads) if (num_heads - s) % num_kv_heads == 0]
-        ssm_heads = read("HYMBA_SSM_HEADS", num_heads - num_kv_heads * math.ceil(num_heads / 2 / num_kv_heads), lambda v: v in splits,
-                         f"one of {splits} (the heads left for attention, of {num_heads}, must be a positive multiple of the {num_kv_heads} KV heads)")
-        attn_width = (num_heads - ssm_heads) * head_dim
-        d = cls(ssm_heads)
-        rows = [  # (field, env var, check, what is valid, parse)
-            ("ssm_state", "HYMBA_SSM_STATE", lambda v: v > 0, "a positive int", int),
-            ("scan_chunk", "HYMBA_SCAN_CHUNK", lambda v: v > 0, "a positive int", int),
-            ("groups", "HYMBA_GROUPS", lambda v: v > 0 and ssm_heads % v == 0, f"a divisor of the SSM heads ({ssm_heads})", int),
-            ("conv", "HYMBA_CONV", lambda v: v >= 0, "a kernel size >= 0 (0 = off)", int),
-            ("gate", "HYMBA_GATE", lambda v: v in (0, 1), "0 or 1", int),
-            ("merge", "HYMBA_MERGE", lambda v: v == "concat" or (v == "mean" and attn_width % ssm_heads == 0),
-             f"concat or mean (mean needs the attention width {attn_width} divisible by the SSM heads {ssm_heads})", str),
-            ("meta_tok", "HYMBA_META_TOK", lambda v: v >= 0, "an int >= 0 (0 = off)", int),
-            ("kv_share", "HYMBA_KV_SHARE", lambda v: v == 0 or (v == 1 and adjacent),
-             f"0 or 1 (1 needs two adjacent indices in HYMBA_LAYERS, got {','.join(map(str, layers)) or 'none'})", int),
+        group = num_heads // num_kv_heads
+        splits = list(range(group, num_heads, group))  # whole KV groups on both sides
+        rows = [  # (env var, default, check, what is valid, parse)
+            ("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < num_layers for i in v),
+             f"distinct comma-separated block indices in 0..{num_layers - 1}", lambda s: tuple(sorted(int(i) for i in s.split(",")))),
+            ("HYMBA_SSM_HEADS", group * (num_kv_heads // 2), lambda v: v in splits,
+             f"one of {splits} (whole groups of the {num_heads // num_kv_heads} heads sharing a KV head, leaving attention at least one)", int),
+            ("HYMBA_SCAN_CHUNK", 64, lambda v: v > 0, "a positive int", int),
+            ("HYMBA_CONV", 0, lambda v: v >= 0, "a number of taps >= 0 (0 = off)", int),
         ]
-        values = {field: read(var, getattr(d, field) if field == "merge" else int(getattr(d, field)), ok, valid, parse)
-                  for field, var, ok, valid, parse in rows}
-        return cls(ssm_heads, layers, **{k: bool(v) if k in ("gate", "kv_share") else v for k, v in values.items()})
+        layers, ssm_heads, chunk, conv = (read(*row) for row in rows)
+        return cls(ssm_heads, layers, chunk, conv)
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -119,7 +100,7 @@ def ssd_scan_reference(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, initial_s
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     f32 = torch.promote_types(log_a.dtype, torch.float32)
-    B, C = B.repeat_interleave(H // G, dim=2).to(f32), C.repeat_interleave(H // G, dim=2).to(f32)  # (batch, T, H, N)
+    B, C = B.repeat_interleave(H // G, dim=2).to(f32), C.to(f32)  # (batch, T, H, N)
     S = torch.zeros(b, H, P, N, dtype=f32, device=x.device) if initial_state is None else initial_state.to(f32)
     ys = []
     for t in range(T):
@@ -129,29 +110,28 @@ def ssd_scan_reference(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, initial_s
 
 
 def segsum(a: Tensor) -> Tensor:
-    """(..., Q) -> (..., Q, Q) with [i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal."""
-    cs = a.cumsum(-1)
-    causal = torch.ones(a.size(-1), a.size(-1), dtype=torch.bool, device=a.device).tril()
-    # mask after subtracting: -inf inside the subtraction would give nan gradients
-    return (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)
+    """(..., Q) -> (..., Q, Q) with [i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal.
+    Each entry sums only its own terms (no difference of running sums), so it is exact at any length and
+    a = -inf (a state reset) gives -inf, never nan."""
+    Q = a.size(-1)
+    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
+    terms = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0.0)  # [i, j] = a[i] where j < i
+    return terms.cumsum(-2).masked_fill(~ones.tril(), -math.inf)
 
 
 def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
              initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan (Mamba-2) of  S_t = exp(log_a_t) S_{t-1} + x_t B_t^T,  y_t = S_t C_t.
 
-    x (batch, T, H, P), already scaled by dt;  log_a (batch, T, H) <= 0;  B, C (batch, T, G, N), where
-    head h reads group h // (H/G);  initial_state (batch, H, P, N) or None for zeros.
-    Returns y (batch, T, H, P) in x's dtype and the final state (batch, H, P, N) in fp32 (fp64 for fp64).
-    Log-decays, their sums and their exps are fp32: every exponent is a sum of log_a <= 0, so every
-    decay lies in [0, 1] and nothing is divided by a cumulative product. Matmuls run in x's dtype, except
-    the hand-over of states between chunks (step 3), which autocast does not touch: fp32 tensors, fp32
-    accumulation. Where a host allows TF32 (both hosts do on CUDA), that one matmul rounds its inputs to
-    TF32 (10-bit mantissa, relative 2^-11): 8x finer than the bf16 (2^-8) of every other matmul here, so
-    it is left so rather than paying for a TF32-proof product (tests/test_scan.py emulates it).
+    x (batch, T, H, P), already scaled by dt;  log_a (batch, T, H) <= 0, -inf where the state restarts;
+    B (batch, T, G, N), where head h reads group h // (H/G);  C (batch, T, H, N);  initial_state
+    (batch, H, P, N) or None for zeros. Returns y (batch, T, H, P) in x's dtype and the final state
+    (batch, H, P, N) in fp32 (fp64 for fp64). Log-decays, their sums and exps are fp32, each a sum over its
+    own range of log_a <= 0 (segsum), so every decay lies in [0, 1] at any length. Matmuls run in x's
+    dtype, except the hand-over of states between chunks (step 3): that is the same recurrence over the
+    chunks, solved by this function itself in fp32, so T/Q chunks cost T/Q * Q, not (T/Q)^2.
     """
-    # axes: b batch, c chunk, l/s step in chunk (query/key), g group, r head in group, p head dim, n state,
-    #       z chunk boundary
+    # axes: b batch, c chunk, l/s step in chunk (query/key), g group, r head in group, p head dim, n state
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R, Q = H // G, chunk_size
@@ -159,227 +139,179 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
     pad = -T % Q  # padded steps have a = 1 and no input: they change no output and not the final state
     x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
     c = (T + pad) // Q
-    X = x.view(b, c, Q, G, R, P)
-    B, C = B.view(b, c, Q, G, N), C.view(b, c, Q, G, N)
+    X, B, C = x.view(b, c, Q, G, R, P), B.view(b, c, Q, G, N), C.view(b, c, Q, G, R, N)
     A = F.pad(log_a.to(f32), (0, 0, 0, pad)).view(b, c, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
-    A_cumsum = A.cumsum(-1)
+    A_seg = segsum(A)  # (b, g, r, c, l, s): log-decay from step s to step l of a chunk
+    A_in = A[..., :1] + A_seg[..., 0]  # (b, g, r, c, l): log-decay from the chunk start through step l
     to_steps = lambda d: d.permute(0, 3, 4, 1, 2)[..., None].to(x.dtype)  # (b, g, r, c, l) -> (b, c, l, g, r, 1)
 
     # 1. outputs from inputs of the same chunk: (C B^T * L) X with the decay mask L = exp(segsum(A))
-    L = torch.exp(segsum(A)).to(x.dtype)
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)
-    Y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", CB[:, :, None] * L, X)
+    CB = torch.einsum("bclgrn,bcsgn->bgrcls", C, B)
+    Y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", CB * torch.exp(A_seg).to(x.dtype), X)
 
     # 2. each chunk's own final state: sum over steps s of exp(A summed over (s, chunk end]) X_s B_s^T
-    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)
-    states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, X * to_steps(decay_states))
+    states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, X * to_steps(torch.exp(A_seg[..., -1, :])))
 
-    # 3. carry states across chunks in fp32: a (c+1) x (c+1) decay matrix over the chunk totals
-    if initial_state is None:
-        initial_state = torch.zeros(b, H, P, N, dtype=f32, device=x.device)
-    states = torch.cat([initial_state.to(f32).view(b, 1, G, R, P, N), states.to(f32)], dim=1)
-    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, g, r, z, c+1)
-    with torch.autocast(x.device.type, enabled=False):
-        states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)
-    states, final_state = states[:, :-1], states[:, -1]
+    # 3. the state carried into each chunk: S_z = exp(A summed over chunk z) S_{z-1} + states_z, in fp32
+    S0 = torch.zeros(b, H, P, N, dtype=f32, device=x.device) if initial_state is None else initial_state.to(f32)
+    states = states.to(f32).reshape(b, c, H, P * N)
+    totals = A_in[..., -1].permute(0, 3, 1, 2).reshape(b, c, H)
+    if c == 1:
+        ends, final = None, (totals[:, 0, :, None].exp() * S0.view(b, H, P * N) + states[:, 0])[..., None]
+    else:
+        ones = states.new_ones(b, c, 1, 1)
+        with torch.autocast(x.device.type, enabled=False):
+            ends, final = ssd_scan(states, totals, ones, ones.expand(b, c, H, 1), max(Q, 2), S0.view(b, H, P * N, 1))
+    carried = S0.view(b, 1, H, P * N) if ends is None else torch.cat([S0.view(b, 1, H, P * N), ends[:, :-1]], dim=1)
 
     # 4. outputs from the state carried into each chunk: exp(A summed over the chunk up to l) S_start C_l
-    Y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.to(x.dtype)) * to_steps(torch.exp(A_cumsum))
+    carried = carried.view(b, c, G, R, P, N).to(x.dtype)
+    Y_off = torch.einsum("bclgrn,bcgrpn->bclgrp", C, carried) * to_steps(torch.exp(A_in))
 
     y = (Y_diag + Y_off).reshape(b, c * Q, H, P)[:, :T]
-    return y.to(x.dtype), final_state.reshape(b, H, P, N)
+    return y.to(x.dtype), final.reshape(b, H, P, N)
 
 
-# ----------------------------------------------------------------------------- modules
+# ----------------------------------------------------------------------------- hybrid heads
 
-CastedLinear = Rotary = apply_rotary_emb = None  # the host's, set by register_host_classes
-host_namespace: dict = {}  # the host module's globals (see the contract above)
-host_flash_attention = None  # the host's flash_attn_3_func, if it has one
-
-
-def register_host_classes(casted_linear: type, rotary: type, rotary_emb) -> None:
-    """Build hybrid layers from the host's CastedLinear, Rotary and apply_rotary_emb, so their attention
-    heads compute what the host's attention does; the module defining CastedLinear is the host."""
-    global CastedLinear, Rotary, apply_rotary_emb, host_namespace, host_flash_attention
-    CastedLinear, Rotary, apply_rotary_emb = casted_linear, rotary, rotary_emb
-    host_namespace = vars(sys.modules[casted_linear.__module__])
-    host_flash_attention = host_namespace.get("flash_attn_3_func")
+def segment_starts(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) bool, True at the first token of every segment of a packed row; cu_seqlens may repeat the
+    total (empty padded segments). A scatter, not .tolist(): no host sync, so compile holds."""
+    starts = torch.zeros(total + 1, dtype=torch.bool, device=cu_seqlens.device)
+    return starts.scatter(0, cu_seqlens.long(), True)[:total]
 
 
-def require_host() -> None:
-    if CastedLinear is None:
-        raise RuntimeError("hymba_layer: call register_host_classes(CastedLinear, Rotary, apply_rotary_emb) before building hybrid layers")
+def causal_conv(u: Tensor, weight: Tensor, starts: Tensor | None) -> Tensor:
+    """Depthwise causal conv of u (batch, T, channels) with weight (channels, taps), tap 0 the current token;
+    taps that would reach across a segment start read zero."""
+    taps = weight.size(1)
+    seg = None if starts is None else starts.long().cumsum(0)  # segment number of each token
+    out = u * weight[:, 0].to(u.dtype)
+    for j in range(1, taps):  # a few taps, unrolled at trace time
+        shifted = F.pad(u, (0, 0, j, 0))[:, : u.size(1)]
+        if seg is not None:
+            shifted = shifted * (seg == F.pad(seg, (j, 0))[: seg.size(0)])[None, :, None].to(u.dtype)
+        out = out + shifted * weight[:, j].to(u.dtype)
+    return out
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention with the host's kernel; q (batch, T, heads, D), k/v (batch, T, kv_heads, D)."""
-    if host_flash_attention is not None:
-        return host_flash_attention(q, k, v, causal=True)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
+class HybridHeads(nn.Module):
+    """The dynamics that make the last `heads` heads of a host attention layer SSD heads. Per SSM head h
+    in KV group g (q, k, v as the host's kernel receives them):
 
+        dt_t = softplus(w_h . v_{g,t} + dt_bias_h),   log a_t = -dt_t exp(A_log_h)   (-inf at a segment start)
+        S_t = a_t S_{t-1} + (dt_t v_{g,t}) k_{g,t}^T,  y_t = rmsnorm(S_t q_{h,t} / sqrt(head_dim) + D_h v_{g,t})
 
-class SSMBranch(nn.Module):
-    """Mamba-2 heads on the layer input u (batch, T, dim) -> (batch, T, heads * head_dim):
+    The output norm gives SSM heads the scale of attention heads (linear attention's sum is unnormalised)."""
 
-        dt_t = softplus(W_dt u_t + dt_bias),   log a_t = -dt_t exp(A_log)
-        S_t = a_t S_{t-1} + (dt_t x_t) B_t^T,  y_t = S_t C_t + D x_t,   optionally y_t *= silu(z_t)
-
-    with x, B, C, z linear in u, and x, B, C optionally through a short causal conv and SiLU."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, cfg: HymbaConfig):
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, cfg: HymbaConfig):
         super().__init__()
-        self.heads, self.head_dim, self.groups, self.state, self.chunk = heads, head_dim, cfg.groups, cfg.ssm_state, cfg.scan_chunk
-        self.gate = cfg.gate
-        self.xbc_width = heads * head_dim + 2 * cfg.groups * cfg.ssm_state
-        self.in_proj = CastedLinear(dim, self.xbc_width + (heads * head_dim if cfg.gate else 0), bias=False)  # x, B, C[, z]
-        self.dt_proj = CastedLinear(dim, heads, bias=False)
+        self.heads, self.kv_heads, self.chunk = heads, kv_heads, cfg.scan_chunk
+        self.dt_weight = nn.Parameter(torch.zeros(heads, head_dim))  # zero: dt starts at softplus(dt_bias) everywhere
         # Mamba-2 inits: decay rates A = -exp(A_log) in [-16, -1], dt log-uniform in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
         dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.D = nn.Parameter(torch.ones(heads))
         self.conv_weight = None
-        if cfg.conv:  # (channel, tap), 2-D as every host routes; nn.Conv1d's default init for a depthwise kernel
-            bound = 1 / math.sqrt(cfg.conv)
-            self.conv_weight = nn.Parameter(torch.empty(self.xbc_width, cfg.conv).uniform_(-bound, bound))
+        if cfg.conv:  # (channel, tap) over [q | k | v] of the SSM heads; identity at init
+            self.conv_weight = nn.Parameter(F.pad(torch.ones((heads + 2 * kv_heads) * head_dim, 1), (0, cfg.conv - 1)))
 
-    def forward(self, u: Tensor) -> Tensor:
-        b, t, _ = u.shape
-        xbc = self.in_proj(u)
-        xbc, z = xbc[..., : self.xbc_width], xbc[..., self.xbc_width :]
-        if self.conv_weight is not None:  # Mamba-2: x, B and C see the last few tokens directly
-            k = self.conv_weight.size(-1)
-            xbc = F.conv1d(F.pad(xbc.transpose(1, 2), (k - 1, 0)), self.conv_weight.to(xbc.dtype)[:, None], groups=self.xbc_width)
-            xbc = F.silu(xbc.transpose(1, 2))
-        gn = self.groups * self.state
-        x, B, C = xbc.split([self.heads * self.head_dim, gn, gn], dim=-1)
-        x = x.reshape(b, t, self.heads, self.head_dim)
-        dt = F.softplus(self.dt_proj(u).float() + self.dt_bias)  # (batch, T, heads), fp32
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None) -> Tensor:
+        """q (batch, T, heads, head_dim), k/v (batch, T, kv_heads, head_dim) -> (batch, T, heads, head_dim)."""
+        b, t, h, d = q.shape
+        if self.conv_weight is not None:
+            qkv = causal_conv(torch.cat([q, k, v], dim=2).flatten(2), self.conv_weight, starts).view(b, t, -1, d)
+            q, k, v = qkv.split([h, self.kv_heads, self.kv_heads], dim=2)
+        v_heads = v.repeat_interleave(h // self.kv_heads, dim=2)  # (batch, T, heads, head_dim)
+        dt = F.softplus((v_heads.float() * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
         log_a = -dt * self.A_log.exp()
-        y, _ = ssd_scan((x * dt[..., None]).to(x.dtype), log_a, B.reshape(b, t, self.groups, self.state),
-                        C.reshape(b, t, self.groups, self.state), self.chunk)
-        y = (y + self.D.to(y.dtype)[:, None] * x).reshape(b, t, -1)
-        return y * F.silu(z) if self.gate else y
+        if starts is not None:
+            log_a = log_a.masked_fill(starts[None, :, None], -math.inf)
+        y, _ = ssd_scan(v_heads * dt[..., None].to(v.dtype), log_a, k, q * d ** -0.5, self.chunk)
+        return F.rms_norm(y + self.D.to(y.dtype)[:, None] * v_heads, (d,))
 
 
-class HymbaLayer(nn.Module):
-    """Drop-in for the host's CausalSelfAttention (batch, T, dim) -> (batch, T, dim): of num_heads heads,
-    cfg.ssm_heads become SSM heads and the rest stay GQA attention; both read the same input.
-      concat: [attention heads | SSM heads of head_dim each] -> proj; the width stays dim.
-      mean:   (g_a * rmsnorm(attention) + g_s * rmsnorm(SSM)) / 2 -> proj (Hymba); the SSM heads together
-              have the attention heads' width.
-    Meta tokens are learned key/value entries every query sees, without positions (T and RoPE unchanged).
-    With kv_source (the hybrid layer just before), its K/V projections are used instead of own ones.
-    Extra constructor arguments of a host's attention (PR #1493: train_seq_len) go to its Rotary."""
+# ----------------------------------------------------------------------------- the kernel hook
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float, *rotary_args,
-                 cfg: HymbaConfig | None = None, kv_source: HymbaLayer | None = None):
-        super().__init__()
-        require_host()
-        self.head_dim = dim // num_heads
-        cfg = cfg or HymbaConfig.from_env(num_heads, num_kv_heads, self.head_dim)
-        self.attn_heads, self.num_kv_heads = num_heads - cfg.ssm_heads, num_kv_heads
-        self.merge = cfg.merge
-        attn_width, kv_width = self.attn_heads * self.head_dim, num_kv_heads * self.head_dim
-        ssm_width = cfg.ssm_heads * self.head_dim if cfg.merge == "concat" else attn_width
-        self.c_q = CastedLinear(dim, attn_width, bias=False)
-        self.kv_shared = kv_source is not None
-        if self.kv_shared:  # plain attributes, not submodules: the shared weights are stored once, in kv_source
-            object.__setattr__(self, "c_k", kv_source.c_k)
-            object.__setattr__(self, "c_v", kv_source.c_v)
-        else:
-            self.c_k = CastedLinear(dim, kv_width, bias=False)
-            self.c_v = CastedLinear(dim, kv_width, bias=False)
-        self.q_gain = nn.Parameter(torch.full((self.attn_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, rope_base, *rotary_args)
-        self.rope_dims, self.use_xsa = 0, False  # host flags, set after construction (PR #1493: partial RoPE, XSA)
-        self.meta_kv = None
-        if cfg.meta_tok:  # rows: keys, then values; values start at 0, so the prefix begins as a pure attention sink
-            self.meta_kv = nn.Parameter(torch.cat([torch.randn(cfg.meta_tok, kv_width), torch.zeros(cfg.meta_tok, kv_width)]))
-        self.ssm = SSMBranch(dim, cfg.ssm_heads, ssm_width // cfg.ssm_heads, cfg)
-        if cfg.merge == "mean":
-            self.merge_gain_attn = nn.Parameter(torch.ones(attn_width))
-            self.merge_gain_ssm = nn.Parameter(torch.ones(attn_width))
-        self.proj = CastedLinear(attn_width + ssm_width if cfg.merge == "concat" else attn_width, dim, bias=False)
-        self.proj._zero_init = True  # the block starts as identity, as in the host
-        nn.init.zeros_(self.proj.weight)
-
-    def attention(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.attn_heads, self.head_dim)  # (batch, T, heads, head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        cos, sin = self.rotary(t, x.device, q.dtype)
-        if cos.size(1) != t:  # the host's rotary is laid out for (batch, heads, T, head_dim)
-            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
-        rope = (self.rope_dims,) if self.rope_dims else ()
-        q, k = apply_rotary_emb(q, cos, sin, *rope), apply_rotary_emb(k, cos, sin, *rope)
-        q = q * self.q_gain.to(q.dtype)[:, None]
-        if self.meta_kv is None:
-            y = causal_attention(q, k, v)
-        else:  # [meta; tokens] under a plain causal mask: token i sees every meta entry and tokens <= i
-            n = self.meta_kv.size(0) // 2
-            meta_k, meta_v = self.meta_kv.to(q.dtype).view(2, 1, n, self.num_kv_heads, self.head_dim).expand(-1, b, -1, -1, -1)
-            q = torch.cat([q.new_zeros(b, n, self.attn_heads, self.head_dim), q], dim=1)  # n query rows, dropped below
-            y = causal_attention(q, torch.cat([F.rms_norm(meta_k, (self.head_dim,)), k], 1), torch.cat([meta_v, v], 1))[:, n:]
-        if self.use_xsa:  # XSA: each head's output loses its component along its own value vector
-            y = y.view(b, t, self.num_kv_heads, -1, self.head_dim)
-            vn = F.normalize(v, dim=-1)[:, :, :, None]
-            y = y - (y * vn).sum(-1, keepdim=True) * vn
-        return y.reshape(b, t, -1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, s = self.attention(x), self.ssm(x)
-        if self.merge == "concat":
-            return self.proj(torch.cat([a, s], dim=-1))
-        # a norm and gain per branch: without them the SSM branch's scale drifts away from attention's
-        a = F.rms_norm(a, (a.size(-1),), self.merge_gain_attn.to(a.dtype))
-        s = F.rms_norm(s, (s.size(-1),), self.merge_gain_ssm.to(s.dtype))
-        return self.proj(0.5 * (a + s))
+def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+    """The host's kernel call kernel(q, k, v, *args, **kwargs) for attention module `layer` (contract, point 2):
+    unchanged where the layer is not hybrid, else attention heads through the kernel and SSM heads through
+    the scan, in the kernel's own layout."""
+    heads = getattr(layer, "hymba", None)
+    if heads is None:
+        return kernel(q, k, v, *args, **kwargs)
+    sdpa = kernel is F.scaled_dot_product_attention
+    packed = "cu_seqlens_q" in kwargs
+    refusal = (("a mask", kwargs.get("attn_mask") is not None), ("is_causal/causal False", not kwargs.get("is_causal" if sdpa else "causal", False)),
+               ("a window", tuple(kwargs.get("window_size", (-1, -1))) != (-1, -1)),
+               ("cu_seqlens_k unlike cu_seqlens_q", packed and kwargs.get("cu_seqlens_k") is not kwargs["cu_seqlens_q"]), ("extra positional arguments", bool(args)))
+    bad = [what for what, is_bad in refusal if is_bad]
+    if bad:
+        raise ValueError(f"hymba_attention: {getattr(kernel, '__name__', kernel)} called with {', '.join(bad)}; hybrid heads "
+                         "support causal attention without mask or window, and one cu_seqlens for q and k")
+    # the scan's layout (batch, T, heads, head_dim) from SDPA's (batch, heads, T, head_dim) or varlen's (T, heads, head_dim)
+    to_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[None]) if packed else (lambda t: t)
+    from_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[0]) if packed else (lambda t: t)
+    head_axis = 1 if sdpa or packed else 2
+    n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
+    y_attn = kernel(q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv), **kwargs)
+    starts = segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
+    y_ssm = heads(*(to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv))), starts)
+    return torch.cat([y_attn, from_scan(y_ssm).to(y_attn.dtype)], dim=head_axis)
 
 
 # ----------------------------------------------------------------------------- swapping into a host
 
-def extend_host_patterns() -> None:
-    """Append CONTROL_PATTERNS to the host's module-level *_NAME_PATTERNS lists (contract, point 3)."""
-    for name, value in list(host_namespace.items()):
-        if name.endswith("_NAME_PATTERNS") and isinstance(value, (tuple, list)) and all(isinstance(p, str) for p in value):
-            host_namespace[name] = type(value)([*value, *(p for p in CONTROL_PATTERNS if p not in value)])
+def extend_host_patterns(namespace: dict) -> None:
+    """Append CONTROL_PATTERNS to the host's routing lists that exist (contract, point 3)."""
+    for name in HOST_PATTERN_LISTS:
+        value = namespace.get(name)
+        if isinstance(value, (tuple, list)) and not all(p in value for p in CONTROL_PATTERNS):
+            namespace[name] = type(value)([*value, *(p for p in CONTROL_PATTERNS if p not in value)])
+
+
+def host_attention(model: nn.Module, i: int) -> nn.Module:
+    """model.blocks[i].attn, checked against the contract; one line naming what is missing."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"hymba_layer: {type(model).__name__} has no .blocks; the contract needs model.blocks[i].attn")
+    attn = getattr(blocks[i], "attn", None)
+    where = f"model.blocks[{i}].attn"
+    if attn is None:
+        raise ValueError(f"hymba_layer: {where} is missing; the contract needs each block's attention module as .attn")
+    missing = [a for a in ("num_heads", "num_kv_heads", "head_dim") if not isinstance(getattr(attn, a, None), int)]
+    if missing:
+        raise ValueError(f"hymba_layer: {where} ({type(attn).__name__}) lacks int attribute(s) {', '.join(missing)}")
+    if attn.num_heads % attn.num_kv_heads or attn.num_kv_heads < 2:
+        raise ValueError(f"hymba_layer: {where} has {attn.num_heads} heads and {attn.num_kv_heads} KV heads; hybrid heads need "
+                         "num_heads a multiple of num_kv_heads and at least 2 KV heads (attention and SSM heads each take whole KV groups)")
+    if "hymba_attention" not in type(attn).forward.__code__.co_names:
+        raise ValueError(f"hymba_layer: {type(attn).__name__}.forward does not call hymba_attention(self, kernel, q, k, v, ...); "
+                         "run tools/patch_host.py on the script first")
+    return attn
 
 
 def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
-    """Replace model.blocks[i].attn with a HymbaLayer for each i in HYMBA_LAYERS and return those indices;
-    without HYMBA_LAYERS, change nothing and return []. Logs one line per layer (rank 0)."""
-    require_host()
+    """Make model.blocks[i].attn hybrid for each i in HYMBA_LAYERS and return those indices; without
+    HYMBA_LAYERS, change nothing and return []. A layer that is already hybrid is left as it is. Logs one line
+    per layer (rank 0)."""
     env = hymba_env()
     if "HYMBA_LAYERS" not in env:
-        stray = sorted(env)
-        if stray:
-            raise ValueError(f"{', '.join(stray)} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to swap in hybrid layers, or unset them")
+        if env:
+            raise ValueError(f"{', '.join(sorted(env))} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to make layers hybrid, or unset them")
         return []
-    first = model.blocks[0].attn
-    cfg = HymbaConfig.from_env(first.num_heads, first.num_kv_heads, first.head_dim, len(model.blocks))
+    first = host_attention(model, 0)
+    cfg = HymbaConfig.from_env(first.num_heads, first.num_kv_heads, len(model.blocks))
     if log is None:
         log = print if os.environ.get("RANK", "0") == "0" else (lambda line: None)
-    prev, prev_i = None, None
+    device = next(model.parameters()).device
     for i in cfg.layers:
-        old = model.blocks[i].attn
-        # KV sharing pairs a layer with the one just before it, unless that one already borrows
-        share = cfg.kv_share and prev_i == i - 1 and not prev.kv_shared
-        layer = HymbaLayer(old.c_q.in_features, old.num_heads, old.num_kv_heads, 10000.0, old.q_gain.detach().float().mean().item(),
-                           cfg=cfg, kv_source=prev if share else None)
-        layer.rotary = old.rotary  # the host's rotary, with whatever base, scaling and partial dims it was built with
-        for flag in ("rope_dims", "use_xsa"):
-            if hasattr(old, flag):
-                setattr(layer, flag, getattr(old, flag))
-        model.blocks[i].attn = layer.to(old.c_q.weight.device)
-        log(f"hymba:layer {i} attn_heads:{layer.attn_heads} kv_heads:{layer.num_kv_heads} ssm_heads:{cfg.ssm_heads} "
-            f"ssm_head_dim:{layer.ssm.head_dim} state:{cfg.ssm_state} groups:{cfg.groups} chunk:{cfg.scan_chunk} "
-            f"conv:{cfg.conv} gate:{int(cfg.gate)} meta_tok:{cfg.meta_tok} kv:{f'shared_with_{prev_i}' if share else 'own'} "
-            f"merge:{cfg.merge} rope_dims:{layer.rope_dims} xsa:{int(layer.use_xsa)} params:{sum(p.numel() for p in layer.parameters())}")
-        prev, prev_i = layer, i
-    extend_host_patterns()
+        attn = host_attention(model, i)
+        if getattr(attn, "hymba", None) is None:
+            group = attn.num_heads // attn.num_kv_heads
+            attn.hymba = HybridHeads(cfg.ssm_heads, cfg.ssm_heads // group, attn.head_dim, cfg).to(device)
+        log(f"hymba:layer {i} attn_heads:{attn.num_heads - cfg.ssm_heads} ssm_heads:{cfg.ssm_heads} kv_heads:{attn.num_kv_heads} "
+            f"head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} params:{sum(p.numel() for p in attn.hymba.parameters())}")
+    extend_host_patterns(vars(sys.modules[type(model).__module__]))
     return list(cfg.layers)

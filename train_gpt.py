@@ -7,6 +7,7 @@ chosen attention layers are swapped for hybrid attention+SSM layers from hymba_l
 from __future__ import annotations
 
 import copy
+import gc
 import glob
 import io
 import math
@@ -27,6 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # hybrid attention + SSM heads (HYMBA_LAYERS); without hymba_layer.py every head is attention
+    from hymba_layer import hymba_attention
+except ImportError:
+    def hymba_attention(layer, kernel, *args, **kwargs):
+        return kernel(*args, **kwargs)
 
 # ----------------------------------------------------------------------------- hyperparameters
 
@@ -298,7 +305,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(t, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = hymba_attention(self, F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -381,7 +388,6 @@ def build_model(args: Hyperparameters, device: torch.device, log=print) -> tuple
             import hymba_layer
         except ImportError as e:
             raise ImportError(f"the HYMBA_* settings need hymba_layer.py beside train_gpt.py: {e}") from e
-        hymba_layer.register_host_classes(CastedLinear, Rotary, apply_rotary_emb)
         if hymba_layer.build_and_swap_hymba_layers(model, log):
             code_files.append(hymba_layer.__file__)
     model = model.to(device)
@@ -734,7 +740,9 @@ def main():
     log0(f"{tag} val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log0(f"{tag}_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
     total_bytes = os.path.getsize(ptz_path) + code_bytes
-    if args.distributed:
+    if args.distributed:  # DDP's reducer holds the process group: freed after it, at exit, a gloo rank aborts
+        del model
+        gc.collect()
         dist.destroy_process_group()
     if total_bytes > ARTIFACT_LIMIT_BYTES:
         log0(f"artifact_over_budget: {total_bytes} bytes > {ARTIFACT_LIMIT_BYTES} (ALLOW_OVER_BUDGET={int(args.allow_over_budget)})")
