@@ -79,26 +79,25 @@ def test_repeated_seed_is_refused(logs, tmp_path, capsys):
 def test_quality_benchmark_smallest_setting_writes_table_and_plot(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "bench"
-    assert bench_quality.main(["--preset", "smoke", "--configs", "baseline,hymba", "--seeds", "1", "--out", str(out),
+    assert bench_quality.main(["--preset", "smoke", "--configs", "baseline,layer0", "--seeds", "1", "--out", str(out),
                                "--data", str(dataset["data_path"]), "--tokenizer", str(dataset["tokenizer_path"]),
                                "--set", f"VOCAB_SIZE={dataset['vocab_size']}"]) == 0
     table = (out / "results.md").read_text()
-    rows = [l for l in table.splitlines() if l.startswith("| baseline") or l.startswith("| hymba")]
+    rows = [l for l in table.splitlines() if l.startswith("| baseline") or l.startswith("| layer0")]
     results = json.loads((out / "results.json").read_text())
     bpb = {r["config"]: r["val_bpb"] for r in results["runs"]}
-    assert len(rows) == 2 and "(1.00x)" in rows[0] and rows[1].startswith("| hymba | baseline |")
-    assert ("(1/1) |" in rows[1]) == (bpb["hymba"] < bpb["baseline"])  # the paired Δ counts the seed
+    assert len(rows) == 2 and "(1.00x)" in rows[0] and rows[1].startswith("| layer0 | baseline |")
+    assert ("(1/1) |" in rows[1]) == (bpb["layer0"] < bpb["baseline"])  # the paired Δ counts the seed
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [r["config"] for r in results["rows"]] == ["baseline", "hymba"]
+    assert [r["config"] for r in results["rows"]] == ["baseline", "layer0"]
     steps = [[c[0] for c in run["curve"]] for run in results["runs"]]
     assert steps == [[0, 3, 6], [0, 3, 6]]  # PRESETS["smoke"]: 6 iterations, validated every 3
 
 
 def test_quality_benchmark_pairs_each_config_with_its_reference():
-    names = ["baseline", "hymba", "state8", "layer0", "layer0_mean", "kv1_baseline", "kv1_ssm2", "l9_layer4"]
-    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "hymba", "baseline", "layer0", "baseline",
-                                                                   "kv1_baseline", "baseline"]
-    assert bench_quality.reference("hymba", ["hymba", "layer0"]) == "hymba"
+    names = ["baseline", "layer0", "layer0_conv4", "layer1", "l9_baseline", "l9_layer4"]
+    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "layer0", "baseline", "l9_baseline", "l9_baseline"]
+    assert bench_quality.reference("layer0_conv4", ["layer0_conv4", "layer1"]) == "layer0_conv4"
 
 
 def test_quality_benchmark_rejects_unknown_config(capsys):

@@ -5,8 +5,8 @@ Trains each configuration with identical hyperparameters, data and seeds by runn
 writes a markdown table, a JSON file of every number and a plot (val_bpb against step and against
 training time, one line per configuration, mean over seeds).
 
-    python tools/bench_quality.py                                   # hymba vs baseline, 2 seeds, CPU preset
-    python tools/bench_quality.py --configs baseline,hymba,merge_mean --seeds 1,2,3 --out bench/ablate
+    python tools/bench_quality.py                                   # layer0 vs baseline, 2 seeds, CPU preset
+    python tools/bench_quality.py --configs baseline,layer0,layer0_conv4 --seeds 1,2,3 --out bench/ablate
 
 Data: the built-in corpus (tools/make_dataset.py), tokenized with the challenge's
 fineweb_1024_bpe.model when ../shared/tokenizers/ has it (a tokenizer trained on the corpus
@@ -40,42 +40,29 @@ PRESETS = {
     "cpu": dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
                 TRAIN_BATCH_TOKENS=8192, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=25),
     # the challenge's depth (9 blocks, U-Net skips), small enough for the equal-time budgets and the
-    # 200/400/800-step curve on 2 cores (README, "Does the hybrid beat the plain baseline?")
+    # 200/400/800-step curve on 2 cores (RESULTS.md)
     "l9": dict(NUM_LAYERS=9, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=128,
                TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=50),
-    "smoke": dict(NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TRAIN_SEQ_LEN=64,
+    "smoke": dict(NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=64,
                   TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=8192, ITERATIONS=6, WARMDOWN_ITERS=2, VAL_LOSS_EVERY=3),
 }
 COMMON = dict(WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=50)
 
-# name -> env overrides on top of the preset; every hybrid config is one change from `hymba`.
+# name -> env overrides on top of the preset; every hybrid config is one change from its placement's plain hybrid.
 CONFIGS = {
     "baseline": {},
-    "hymba": dict(HYMBA_LAYERS="2"),
     "layer0": dict(HYMBA_LAYERS="0"),
+    "layer1": dict(HYMBA_LAYERS="1"),
+    "layer2": dict(HYMBA_LAYERS="2"),
     "layer3": dict(HYMBA_LAYERS="3"),
     "layers01": dict(HYMBA_LAYERS="0,1"),
     "layers_all": dict(HYMBA_LAYERS="0,1,2,3"),
-    "state8": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="8"),
-    "state32": dict(HYMBA_LAYERS="2", HYMBA_SSM_STATE="32"),
-    "merge_mean": dict(HYMBA_LAYERS="2", HYMBA_MERGE="mean"),
-    "meta16": dict(HYMBA_LAYERS="2", HYMBA_META_TOK="16"),
-    "conv0": dict(HYMBA_LAYERS="2", HYMBA_CONV="0"),
-    "gate0": dict(HYMBA_LAYERS="2", HYMBA_GATE="0"),
-    # the options again on block 0, the best placement
-    "layer0_mean": dict(HYMBA_LAYERS="0", HYMBA_MERGE="mean"),
-    "layer0_state8": dict(HYMBA_LAYERS="0", HYMBA_SSM_STATE="8"),
-    "layer0_meta16": dict(HYMBA_LAYERS="0", HYMBA_META_TOK="16"),
-    "layer0_conv0": dict(HYMBA_LAYERS="0", HYMBA_CONV="0"),
+    "layer0_conv2": dict(HYMBA_LAYERS="0", HYMBA_CONV="2"),
+    "layer0_conv4": dict(HYMBA_LAYERS="0", HYMBA_CONV="4"),
     # the challenge's depth (9 blocks, U-Net skips) at the preset's width: block 4 is the middle one
     "l9_baseline": dict(NUM_LAYERS=9),
-    "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
     "l9_layer0": dict(NUM_LAYERS=9, HYMBA_LAYERS="0"),
-    # SSM head share needs attention heads divisible by KV heads: with one KV head any split is valid
-    "kv1_baseline": dict(NUM_KV_HEADS=1),
-    "kv1_ssm1": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="1"),
-    "kv1_ssm2": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="2"),
-    "kv1_ssm3": dict(NUM_KV_HEADS=1, HYMBA_LAYERS="2", HYMBA_SSM_HEADS="3"),
+    "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
 }
 
 
@@ -116,8 +103,8 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 def reference(name: str, names: list[str]) -> str:
     """What a configuration is compared with: for an option ablation (HYMBA_* settings only), the
-    configuration with just its HYMBA_LAYERS (state8 -> hymba, layer0_mean -> layer0); for a family
-    with its own baseline, that one (kv1_ssm2 -> kv1_baseline); else `baseline`, else the first."""
+    configuration with just its HYMBA_LAYERS (layer0_conv4 -> layer0); for a family
+    with its own baseline, that one (l9_layer4 -> l9_baseline); else `baseline`, else the first."""
     env = CONFIGS.get(name, {})
     if len(env) > 1 and all(k.startswith("HYMBA_") for k in env):
         plain = [n for n in names if CONFIGS.get(n) == {"HYMBA_LAYERS": env.get("HYMBA_LAYERS")}]
@@ -190,7 +177,7 @@ def plot(runs: list[dict], names: list[str], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="baseline,hymba", help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="baseline,layer0", help=f"comma-separated, from: {', '.join(CONFIGS)}")
     p.add_argument("--seeds", default="1337,1338", help="comma-separated seeds (default: 1337,1338)")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and run length (default: cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra env var for every run (repeatable)")
