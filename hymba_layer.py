@@ -224,7 +224,7 @@ class HybridHeads(nn.Module):
             qkv = causal_conv(torch.cat([q, k, v], dim=2).flatten(2), self.conv_weight, starts).view(b, t, -1, d)
             q, k, v = qkv.split([h, self.kv_heads, self.kv_heads], dim=2)
         v_heads = v.repeat_interleave(h // self.kv_heads, dim=2)  # (batch, T, heads, head_dim)
-        dt = F.softplus((v_heads.float() * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
+        dt = F.softplus((v_heads.to(torch.promote_types(v.dtype, torch.float32)) * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
         log_a = -dt * self.A_log.exp()
         if starts is not None:
             log_a = log_a.masked_fill(starts[None, :, None], -math.inf)

@@ -1,5 +1,5 @@
 """Two CPU processes (torchrun, gloo) train the same model as one process with the same global batch
-(golf_conventions 1.4, 8.5): the baseline, and a model whose two blocks are both hybrid with shared K/V."""
+(golf_conventions 1.4, 8.5): the baseline, and a model whose two blocks are both hybrid."""
 import shutil
 
 import numpy as np
@@ -25,7 +25,8 @@ def paired_dataset(dataset, tmp_path_factory) -> dict:
     return dict(dataset, data_path=data)
 
 
-MODELS = {"baseline": {}, "hybrid": dict(HYMBA_LAYERS="0,1", HYMBA_KV_SHARE=1)}  # hybrid: both blocks, block 1 borrowing K/V
+HEADS = dict(NUM_HEADS=4, NUM_KV_HEADS=2)  # hybrid heads take whole KV groups: 2 attention + 2 SSM heads
+MODELS = {"baseline": HEADS, "hybrid": dict(HEADS, HYMBA_LAYERS="0,1", HYMBA_CONV=2)}  # hybrid: both blocks, conv taps on
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -51,10 +52,10 @@ def test_two_ranks_split_the_eight_micro_steps(logs):
 
 
 def test_each_run_has_its_models_layers(model, logs):
-    """The baseline has no hybrid layer; the hybrid run swaps blocks 0 and 1, block 1 borrowing block 0's K/V."""
-    kv = {"baseline": [], "hybrid": ["own", "shared_with_0"]}[model]
+    """The baseline has no hybrid layer; the hybrid run makes blocks 0 and 1 hybrid."""
+    layers = {"baseline": [], "hybrid": ["0", "1"]}[model]
     for log in logs.values():
-        assert [line.split(" kv:")[1].split()[0] for line in log.splitlines() if line.startswith("hymba:layer")] == kv
+        assert [line.split()[1] for line in log.splitlines() if line.startswith("hymba:layer")] == layers
 
 
 def test_only_rank_zero_writes_the_log(logs):
