@@ -18,8 +18,8 @@ Host contract - everything this module reads from a host script:
      head_dim) with is_causal=True and no mask; flash_attn_3_func(q, k, v, causal=True) on (batch, T, heads,
      head_dim); flash_attn_varlen_func on packed (tokens, heads, head_dim) with cu_seqlens_q == cu_seqlens_k,
      causal=True and no window - there the SSM state and conv restart at every segment. The first heads stay
-     the host's attention (its kernel), the last HYMBA_SSM_HEADS are SSM heads; the swap refuses a module
-     whose forward does not call hymba_attention.
+     the host's attention (its kernel; with HYMBA_WINDOW, FA3's window_size or, on SDPA, local_attention),
+     the last HYMBA_SSM_HEADS are SSM heads; the swap refuses a module whose forward does not call it.
   3. Routing by name: the host's module-level CONTROL_TENSOR_NAME_PATTERNS (optimizer: Adam and fp32, as
      every challenge host reads it) and INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (root export: kept fp32), where
      they exist, get CONTROL_PATTERNS appended; the host finds them in the module that defines type(model).
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 # ----------------------------------------------------------------------------- configuration
 
-ENV_VARS = ("HYMBA_LAYERS", "HYMBA_SSM_HEADS", "HYMBA_SCAN_CHUNK", "HYMBA_CONV")
+ENV_VARS = ("HYMBA_LAYERS", "HYMBA_SSM_HEADS", "HYMBA_SCAN_CHUNK", "HYMBA_CONV", "HYMBA_WINDOW")
 # every dynamics tensor lives under `.attn.hymba.`: the host keeps them fp32, trains them with Adam (Muon
 # only takes big matrices) and exports them unquantized where it can (int8 decay rates make the scan drift)
 CONTROL_PATTERNS = (".hymba.",)
@@ -61,6 +61,7 @@ class HymbaConfig:
     layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to make hybrid, "0" or "0,5"
     scan_chunk: int = 64          # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
     conv: int = 0                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' q, k, v (0 = off)
+    window: int = 0               # HYMBA_WINDOW: the attention heads see the last W tokens, the SSM heads all (0 = all)
 
     @classmethod
     def from_env(cls, num_heads: int, num_kv_heads: int, num_layers: int) -> HymbaConfig:
@@ -87,9 +88,10 @@ class HymbaConfig:
              f"one of {splits} (whole groups of the {num_heads // num_kv_heads} heads sharing a KV head, leaving attention at least one)", int),
             ("HYMBA_SCAN_CHUNK", 64, lambda v: v > 0, "a positive int", int),
             ("HYMBA_CONV", 0, lambda v: v >= 0, "a number of taps >= 0 (0 = off)", int),
+            ("HYMBA_WINDOW", 0, lambda v: v >= 0, "a number of tokens >= 0 (0 = full causal attention)", int),
         ]
-        layers, ssm_heads, chunk, conv = (read(*row) for row in rows)
-        return cls(ssm_heads, layers, chunk, conv)
+        layers, ssm_heads, chunk, conv, window = (read(*row) for row in rows)
+        return cls(ssm_heads, layers, chunk, conv, window)
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -206,7 +208,7 @@ class HybridHeads(nn.Module):
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, cfg: HymbaConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.chunk = heads, kv_heads, cfg.scan_chunk
+        self.heads, self.kv_heads, self.chunk, self.window = heads, kv_heads, cfg.scan_chunk, cfg.window
         self.dt_weight = nn.Parameter(torch.zeros(heads, head_dim))  # zero: dt starts at softplus(dt_bias) everywhere
         # Mamba-2 inits: decay rates A = -exp(A_log) in [-16, -1], dt log-uniform in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
@@ -234,6 +236,24 @@ class HybridHeads(nn.Module):
 
 # ----------------------------------------------------------------------------- the kernel hook
 
+def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, **sdpa_kwargs) -> Tensor:
+    """Causal attention over the last `window` keys (each query included), SDPA's layout (batch, heads, T,
+    head_dim): blocks of `window` queries against their own and the previous block's keys, so time and memory
+    are O(T window), never T x T."""
+    b, h, T, d = q.shape
+    W = window
+    pad = -T % W
+    n = (T + pad) // W
+    blocks = lambda t: F.pad(t, (0, 0, 0, pad)).view(b, t.size(1), n, W, d).transpose(1, 2)  # (batch, block, heads, W, head_dim)
+    k, v = (torch.cat([F.pad(blocks(t), (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], blocks(t)], dim=3) for t in (k, v))  # previous block, own
+    i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)
+    rel = j - W - i  # key position minus query position
+    first = torch.arange(n, device=q.device)[:, None, None, None] == 0  # block 0 has no previous block
+    mask = (rel <= 0) & (rel > -W) & ~(first & (j < W))  # (block, 1, W, 2W)
+    y = F.scaled_dot_product_attention(blocks(q), k, v, attn_mask=mask, enable_gqa=sdpa_kwargs.get("enable_gqa", False))
+    return y.transpose(1, 2).reshape(b, h, n * W, d)[:, :, :T]
+
+
 def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
     """The host's kernel call kernel(q, k, v, *args, **kwargs) for attention module `layer` (contract, point 2):
     unchanged where the layer is not hybrid, else attention heads through the kernel and SSM heads through
@@ -255,7 +275,11 @@ def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *
     from_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[0]) if packed else (lambda t: t)
     head_axis = 1 if sdpa or packed else 2
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
-    y_attn = kernel(q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv), **kwargs)
+    q_attn, k_attn, v_attn = q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv)
+    if heads.window and sdpa:
+        y_attn = local_attention(q_attn, k_attn, v_attn, heads.window, **kwargs)
+    else:  # FA3 takes the window itself: (left, right) tokens
+        y_attn = kernel(q_attn, k_attn, v_attn, **(dict(kwargs, window_size=(heads.window - 1, 0)) if heads.window else kwargs))
     starts = segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
     y_ssm = heads(*(to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv))), starts)
     return torch.cat([y_attn, from_scan(y_ssm).to(y_attn.dtype)], dim=head_axis)
@@ -312,6 +336,6 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
             group = attn.num_heads // attn.num_kv_heads
             attn.hymba = HybridHeads(cfg.ssm_heads, cfg.ssm_heads // group, attn.head_dim, cfg).to(device)
         log(f"hymba:layer {i} attn_heads:{attn.num_heads - cfg.ssm_heads} ssm_heads:{cfg.ssm_heads} kv_heads:{attn.num_kv_heads} "
-            f"head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} params:{sum(p.numel() for p in attn.hymba.parameters())}")
+            f"head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} window:{cfg.window} params:{sum(p.numel() for p in attn.hymba.parameters())}")
     extend_host_patterns(vars(sys.modules[type(model).__module__]))
     return list(cfg.layers)

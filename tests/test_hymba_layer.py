@@ -127,8 +127,16 @@ def sdpa_kernel(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
-def fa3_stand_in(q, k, v, causal=True):  # (batch, T, heads, head_dim), as FA3
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+def window_mask(t, window):
+    """(t, t) bool: query i sees keys i - window < j <= i (all j <= i for window 0)."""
+    i, j = torch.arange(t)[:, None], torch.arange(t)
+    return (j <= i) & ((i - j < window) if window else True)
+
+
+def fa3_stand_in(q, k, v, causal=True, window_size=(-1, -1)):  # (batch, T, heads, head_dim), as FA3
+    assert causal and window_size[1] in (-1, 0)
+    mask = window_mask(q.size(1), window_size[0] + 1 if window_size[0] >= 0 else 0)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                           enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
 
 
@@ -138,16 +146,17 @@ def varlen_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     bounds = cu_seqlens_q.tolist()
     for lo, hi in zip(bounds, bounds[1:]):
         if hi > lo:
-            out[lo:hi] = fa3_stand_in(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi])[0]
+            out[lo:hi] = fa3_stand_in(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], causal, window_size)[0]
     return out
 
 
 class Layer(torch.nn.Module):
     """An attention module with hybrid heads (the last 2 of 4, KV head 1)."""
 
-    def __init__(self, conv=0):
+    def __init__(self, conv=0, window=0):
         super().__init__()
         self.hymba = heads_module(conv)
+        self.hymba.window = window
 
 
 @pytest.mark.parametrize("layout", ["sdpa", "fa3"])
@@ -171,14 +180,14 @@ def test_first_heads_are_the_kernels_and_last_heads_the_ssm(layout):
         assert max_rel_error(y[:, :, 2:], hybrid_heads_loop(layer.hymba, q[:, :, 2:], k[:, :, 1:], v[:, :, 1:])) < 1e-10
 
 
-@pytest.mark.parametrize("conv", [0, 3])
-def test_packed_row_gives_each_document_the_output_it_gets_alone(conv):
+@pytest.mark.parametrize("conv,window", [(0, 0), (3, 0), (3, 5)])
+def test_packed_row_gives_each_document_the_output_it_gets_alone(conv, window):
     """A (tokens, heads, head_dim) row cut by cu_seqlens - BOS cuts, a length cut inside a document, a
     one-token segment, empty padded segments (the total repeated) - through the varlen kernel: attention
     heads, SSM state and conv taps all restart at every cut, so each segment equals the dense call on it alone."""
     q, k, v = (t[0] for t in qkv(b=1, t=60))
     cu = torch.tensor([0, 7, 8, 30, 45, 60, 60, 60], dtype=torch.int32)
-    layer = Layer(conv)
+    layer = Layer(conv, window)
     y = hymba_attention(layer, varlen_stand_in, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=22, max_seqlen_k=22,
                         causal=True, window_size=(-1, -1))
     for lo, hi in [(0, 7), (7, 8), (8, 30), (30, 45), (45, 60)]:
@@ -186,6 +195,35 @@ def test_packed_row_gives_each_document_the_output_it_gets_alone(conv):
         assert max_rel_error(y[lo:hi], alone) < 1e-12, (lo, hi)
     dense = hymba_attention(layer, fa3_stand_in, q[None], k[None], v[None], causal=True)[0]
     assert max_rel_error(y[30:45, 2:], dense[30:45, 2:]) > 1e-3  # without the cuts the state would carry over
+
+
+@pytest.mark.parametrize("window", [1, 4, 7, 16, 40])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_local_attention_equals_an_explicit_window_mask(window, autocast):
+    """Blocked local attention (SDPA hosts) against full SDPA with a T x T window mask: T=30 (not a multiple of
+    most windows), GQA; fp32 within 1e-6, under bf16 autocast within bf16 rounding of the masked SDPA."""
+    q, k, v = (t.transpose(1, 2).float() for t in qkv(t=30))
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = hymba_layer.local_attention(q, k, v, window, enable_gqa=True)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(30, window), enable_gqa=True)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert max_rel_error(y, ref) < (2e-2 if autocast else 1e-6)
+
+
+@pytest.mark.parametrize("layout", ["sdpa", "fa3"])
+def test_window_applies_to_the_attention_heads_only(layout):
+    """HYMBA_WINDOW: heads 0-1 see the last 5 tokens (SDPA: local_attention; FA3: window_size=(4, 0)), the SSM
+    heads are unchanged."""
+    q, k, v = qkv()
+    layer, full_layer = Layer(window=5), Layer()
+    if layout == "sdpa":
+        to = lambda t: t.transpose(1, 2)
+        y = to(hymba_attention(layer, F.scaled_dot_product_attention, to(q), to(k), to(v), is_causal=True, enable_gqa=True))
+    else:
+        y = hymba_attention(layer, fa3_stand_in, q, k, v, causal=True)
+    windowed = fa3_stand_in(q, k, v, window_size=(4, 0))
+    assert max_rel_error(y[:, :, :2], windowed[:, :, :2]) < 1e-12
+    assert torch.equal(y[:, :, 2:], hymba_attention(full_layer, fa3_stand_in, q, k, v, causal=True)[:, :, 2:])
 
 
 def test_segment_starts_marks_every_cut_once():
@@ -245,12 +283,12 @@ def test_causal_earlier_outputs_ignore_later_inputs(monkeypatch):
 
 
 def test_compiled_fullgraph_inductor_matches_eager_loss_and_every_gradient(monkeypatch):
-    """A 2-block GPT, both blocks hybrid with conv taps, T=20 over chunks of 8, through
+    """A 2-block GPT, both blocks hybrid with conv taps and a 6-token window, T=20 over chunks of 8, through
     torch.compile(fullgraph=True) with inductor as on the GPU: loss within 1e-5, each gradient within 1e-4
     of its largest entry."""
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("inductor needs a C++ compiler on the CPU: no g++ or c++ on PATH")
-    model, *_ = hybrid_gpt(monkeypatch, num_layers=2, layers="0,1", conv=3, scan_chunk=8)
+    model, *_ = hybrid_gpt(monkeypatch, num_layers=2, layers="0,1", conv=3, scan_chunk=8, window=6)
     randomize(model, std=0.1)
     x, y = tokens(t=20)
     loss = model(x, y)
@@ -282,7 +320,7 @@ def test_swap_adds_only_the_dynamics_logs_and_is_idempotent(monkeypatch):
     assert added == {f"blocks.{i}.attn.hymba.{n}": c for i in (1, 3) for n, c in
                      [("dt_weight", 16), ("A_log", 2), ("dt_bias", 2), ("D", 2), ("conv_weight", 128)]}
     assert swapped == [1, 3]
-    assert lines == [f"hymba:layer {i} attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:8 chunk:64 conv:4 params:150" for i in (1, 3)]
+    assert lines == [f"hymba:layer {i} attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:8 chunk:64 conv:4 window:0 params:150" for i in (1, 3)]
     heads = model.blocks[1].attn.hymba
     assert build_and_swap_hymba_layers(model, lines.append) == [1, 3] and model.blocks[1].attn.hymba is heads
 
@@ -339,7 +377,7 @@ def test_train_gpt_trains_and_exports_a_hybrid_model(dataset, tmp_path):
     settings = tiny_config(dataset, "hybrid", NUM_HEADS=4, NUM_KV_HEADS=2, HYMBA_LAYERS=1, HYMBA_CONV=2)
     stdout = run_train_gpt(tmp_path, settings)
     log = (tmp_path / "logs" / "hybrid.txt").read_text(encoding="utf-8")
-    assert "hymba:layer 1 attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:24 chunk:64 conv:2 params:" in stdout
+    assert "hymba:layer 1 attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:24 chunk:64 conv:2 window:0 params:" in stdout
     assert log.count(open(hymba_layer.__file__, encoding="utf-8").read()) == 1  # the counted code includes this file
     losses = dict(grab(r"^step:(\d+)/40 train_loss:{n} ", log))
     assert losses[40] < losses[1] - 1.5
@@ -398,6 +436,7 @@ def test_bf16_autocast_loss_is_close_to_fp32(monkeypatch):
     (dict(LAYERS="1", SCAN_CHUNK="-64"), "HYMBA_SCAN_CHUNK='-64' is invalid: expected a positive int"),
     (dict(LAYERS="1", SCAN_CHUNK="1.5"), "HYMBA_SCAN_CHUNK='1.5' is invalid: expected a positive int"),
     (dict(LAYERS="1", CONV="-1"), "HYMBA_CONV='-1' is invalid: expected a number of taps >= 0 (0 = off)"),
+    (dict(LAYERS="1", WINDOW="-8"), "HYMBA_WINDOW='-8' is invalid: expected a number of tokens >= 0 (0 = full causal attention)"),
     (dict(LAYERS="1", SSM_STATE="16"), "unknown HYMBA_SSM_STATE: the hybrid-layer env vars are HYMBA_LAYERS, HYMBA_SSM_HEADS,"),
 ])
 def test_invalid_env_names_the_variable_and_what_is_valid(monkeypatch, env, message):
