@@ -60,7 +60,7 @@ class HymbaConfig:
     ssm_heads: int                # HYMBA_SSM_HEADS: how many of the layer's last heads are SSM heads (whole KV groups)
     layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to make hybrid, "0" or "0,5"
     scan_chunk: int = 64          # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
-    conv: int = 0                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' q, k, v (0 = off)
+    conv: int = 0                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' values x (0 = off)
     window: int = 0               # HYMBA_WINDOW: the attention heads see the last W tokens, the SSM heads all (0 = all)
 
     @classmethod
@@ -177,22 +177,22 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
 # ----------------------------------------------------------------------------- hybrid heads
 
 def segment_starts(cu_seqlens: Tensor, total: int) -> Tensor:
-    """(total,) bool, True at the first token of every segment of a packed row; cu_seqlens may repeat the
+    """(1, total) bool, True at the first token of every segment of a packed row; cu_seqlens may repeat the
     total (empty padded segments). A scatter, not .tolist(): no host sync, so compile holds."""
     starts = torch.zeros(total + 1, dtype=torch.bool, device=cu_seqlens.device)
-    return starts.scatter(0, cu_seqlens.long(), True)[:total]
+    return starts.scatter(0, cu_seqlens.long(), True)[None, :total]
 
 
 def causal_conv(u: Tensor, weight: Tensor, starts: Tensor | None) -> Tensor:
     """Depthwise causal conv of u (batch, T, channels) with weight (channels, taps), tap 0 the current token;
-    taps that would reach across a segment start read zero."""
-    taps = weight.size(1)
-    seg = None if starts is None else starts.long().cumsum(0)  # segment number of each token
+    taps that would reach across a segment start (starts: (batch, T) bool) read zero."""
+    taps, T = weight.size(1), u.size(1)
+    seg = None if starts is None else starts.long().cumsum(1)  # segment number of each token
     out = u * weight[:, 0].to(u.dtype)
     for j in range(1, taps):  # a few taps, unrolled at trace time
-        shifted = F.pad(u, (0, 0, j, 0))[:, : u.size(1)]
+        shifted = F.pad(u, (0, 0, j, 0))[:, :T]
         if seg is not None:
-            shifted = shifted * (seg == F.pad(seg, (j, 0))[: seg.size(0)])[None, :, None].to(u.dtype)
+            shifted = shifted * (seg == F.pad(seg, (j, 0))[:, :T])[..., None].to(u.dtype)
         out = out + shifted * weight[:, j].to(u.dtype)
     return out
 
@@ -216,21 +216,32 @@ class HybridHeads(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.D = nn.Parameter(torch.ones(heads))
         self.conv_weight = None
-        if cfg.conv:  # (channel, tap) over [q | k | v] of the SSM heads; identity at init
-            self.conv_weight = nn.Parameter(F.pad(torch.ones((heads + 2 * kv_heads) * head_dim, 1), (0, cfg.conv - 1)))
+        # (channel, tap) over the values only: q and k arrive rotated by RoPE, and taps per channel would not
+        # commute with the rotation (the model would see absolute positions); identity at init
+        if cfg.conv:
+            self.conv_weight = nn.Parameter(F.pad(torch.ones(kv_heads * head_dim, 1), (0, cfg.conv - 1)))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None) -> Tensor:
-        """q (batch, T, heads, head_dim), k/v (batch, T, kv_heads, head_dim) -> (batch, T, heads, head_dim)."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, carry: dict | None = None) -> Tensor:
+        """q (batch, T, heads, head_dim), k/v (batch, T, kv_heads, head_dim) -> (batch, T, heads, head_dim);
+        starts (batch, T) bool where a document starts, or None. With `carry` (scoring window after window) the
+        SSM state and the conv's last inputs come from the previous call and are left there for the next."""
         b, t, h, d = q.shape
+        carry = {} if carry is None else carry
         if self.conv_weight is not None:
-            qkv = causal_conv(torch.cat([q, k, v], dim=2).flatten(2), self.conv_weight, starts).view(b, t, -1, d)
-            q, k, v = qkv.split([h, self.kv_heads, self.kv_heads], dim=2)
+            u, n = v.flatten(2), 0
+            if "tail" in carry:  # the previous call's last inputs, so taps reach back across the call
+                n = carry["tail"].size(1)
+                u, starts = torch.cat([carry["tail"], u], 1), torch.cat([carry["tail_starts"], starts], 1)
+            keep = u.size(1) - self.conv_weight.size(1) + 1
+            carry["tail"], carry["tail_starts"] = u[:, keep:], None if starts is None else starts[:, keep:]
+            v = causal_conv(u, self.conv_weight, starts)[:, n:].view(b, t, -1, d)
+            starts = None if starts is None else starts[:, n:]
         v_heads = v.repeat_interleave(h // self.kv_heads, dim=2)  # (batch, T, heads, head_dim)
         dt = F.softplus((v_heads.to(torch.promote_types(v.dtype, torch.float32)) * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
         log_a = -dt * self.A_log.exp()
         if starts is not None:
-            log_a = log_a.masked_fill(starts[None, :, None], -math.inf)
-        y, _ = ssd_scan(v_heads * dt[..., None].to(v.dtype), log_a, k, q * d ** -0.5, self.chunk)
+            log_a = log_a.masked_fill(starts[..., None], -math.inf)
+        y, carry["S"] = ssd_scan(v_heads * dt[..., None].to(v.dtype), log_a, k, q * d ** -0.5, self.chunk, carry.get("S"))
         return F.rms_norm(y + self.D.to(y.dtype)[:, None] * v_heads, (d,))
 
 
@@ -276,13 +287,48 @@ def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *
     head_axis = 1 if sdpa or packed else 2
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
     q_attn, k_attn, v_attn = q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv)
-    if heads.window and sdpa:
+    carry = getattr(heads, "carry", None)
+    starts = carry["starts"] if carry is not None else segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
+    if carry is not None:  # scoring with state (carry_state): dense rows only
+        y_attn = from_scan(carried_attention(to_scan(q_attn), to_scan(k_attn), to_scan(v_attn), heads.window, carry))
+    elif heads.window and sdpa:
         y_attn = local_attention(q_attn, k_attn, v_attn, heads.window, **kwargs)
     else:  # FA3 takes the window itself: (left, right) tokens
         y_attn = kernel(q_attn, k_attn, v_attn, **(dict(kwargs, window_size=(heads.window - 1, 0)) if heads.window else kwargs))
-    starts = segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
-    y_ssm = heads(*(to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv))), starts)
+    y_ssm = heads(*(to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv))), starts, carry)
     return torch.cat([y_attn, from_scan(y_ssm).to(y_attn.dtype)], dim=head_axis)
+
+
+# ----------------------------------------------------------------------------- scoring window after window
+
+def carry_state(model: nn.Module, starts: Tensor | None) -> None:
+    """Scoring with state (train_gpt.py's EVAL_CARRY_STATE): before each evaluation window, starts (batch, T)
+    bool marks where documents start in it, and every hybrid layer keeps its SSM state, conv inputs and last
+    window - 1 keys/values from the previous window of the same row (a document start restarts them);
+    None switches it off and forgets all."""
+    for block in model.blocks:
+        heads = getattr(block.attn, "hymba", None)
+        if heads is not None:
+            heads.carry = None if starts is None else {**(getattr(heads, "carry", None) or {}), "starts": starts}
+
+
+def carried_attention(q: Tensor, k: Tensor, v: Tensor, window: int, carry: dict) -> Tensor:
+    """Attention heads while scoring with state, (batch, T, heads, head_dim): each query sees the keys of its own
+    document within the window, the previous window's last window - 1 keys included. Explicit masks (eval only)."""
+    b, T = q.shape[:2]
+    seg = carry.get("seg", q.new_zeros(b, dtype=torch.long))[:, None] + carry["starts"].long().cumsum(1)  # document number
+    k_seg = seg
+    if "k" in carry:
+        k, v, k_seg = (torch.cat([carry[name], t], 1) for name, t in (("k", k), ("v", v), ("k_seg", seg)))
+    q_pos, k_pos = torch.arange(T, device=q.device)[:, None] + k.size(1) - T, torch.arange(k.size(1), device=q.device)
+    mask = (k_pos <= q_pos) & (seg[:, :, None] == k_seg[:, None, :])
+    if window:
+        mask &= q_pos - k_pos < window
+        carry["k"], carry["v"], carry["k_seg"] = k[:, k.size(1) - window + 1 :], v[:, v.size(1) - window + 1 :], k_seg[:, k.size(1) - window + 1 :]
+    carry["seg"] = seg[:, -1]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- swapping into a host

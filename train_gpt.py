@@ -83,6 +83,7 @@ class Hyperparameters:
         self.val_batch_size = env("VAL_BATCH_SIZE", 524_288, **positive())
         self.val_loss_every = env("VAL_LOSS_EVERY", 1000, ok=lambda v: v >= 0, valid="an int >= 0 (0 = only at the end)")
         self.train_log_every = env("TRAIN_LOG_EVERY", 200, **positive())
+        self.eval_carry_state = flag("EVAL_CARRY_STATE", False)  # also score with the hybrid layers' state carried (eval_val_carried)
         # length of training
         self.iterations = env("ITERATIONS", 20_000, **positive())
         self.warmdown_iters = env("WARMDOWN_ITERS", 1200, ok=lambda v: v >= 0, valid="an int >= 0")
@@ -134,6 +135,8 @@ class Hyperparameters:
 
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} is invalid: it must be divisible by NUM_HEADS={self.num_heads}")
         need((self.model_dim // self.num_heads) % 2 == 0, f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} is invalid: RoPE needs an even head dim")
+        need(not self.eval_carry_state or os.environ.get("HYMBA_LAYERS", "").strip(),
+             "EVAL_CARRY_STATE=1 is invalid without HYMBA_LAYERS: it carries the hybrid layers' state from window to window")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} is invalid: it must divide NUM_HEADS={self.num_heads}")
         step_rows = self.world_size * self.grad_accum_steps * self.train_seq_len
         need(self.train_batch_tokens % step_rows == 0,
@@ -270,8 +273,11 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim), persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each (1, 1, seq_len, dim/2): the (batch, heads, seq, head_dim) layout."""
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of positions offset.., each (1, 1, seq_len, dim/2): the (batch, heads, seq, head_dim) layout."""
+        if offset:  # scoring with state: positions run on across windows (fp64 angles: exact at any offset)
+            freqs = torch.outer(torch.arange(offset, offset + seq_len, device=device, dtype=torch.float64), self.inv_freq.to(device, torch.float64))
+            return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
             freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
             self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
@@ -295,6 +301,7 @@ class CausalSelfAttention(nn.Module):
         self.proj._zero_init = True  # the block starts as identity
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(self.head_dim, rope_base)
+        self.pos_offset = 0  # position of the first token (eval_val_carried)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -302,7 +309,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        cos, sin = self.rotary(t, x.device, q.dtype)
+        cos, sin = self.rotary(t, x.device, q.dtype, self.pos_offset)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = hymba_attention(self, F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
@@ -459,6 +466,53 @@ def eval_val(args: Hyperparameters, model: nn.Module, device: torch.device, val_
     loss, targets, nbytes = sums.tolist()
     val_loss = loss / targets
     return val_loss, val_loss / math.log(2) * targets / nbytes
+
+
+def eval_val_carried(args: Hyperparameters, model: GPT, device: torch.device, val_tokens: Tensor,
+                     luts: tuple[Tensor, Tensor, Tensor], bos_id: int) -> tuple[float, float]:
+    """As eval_val, but every hybrid layer keeps its SSM state (and window of keys/values) from one window to the
+    next within a document (EVAL_CARRY_STATE=1): the stream is cut at document starts into rows, each scored in
+    windows of TRAIN_SEQ_LEN tokens in order, so a token is scored with its whole document as SSM context. Every
+    target once, causally; eager (positions change every window)."""
+    import hymba_layer
+    base_bytes, has_leading_space, is_boundary = luts
+    L, n = args.train_seq_len, val_tokens.numel() - 1  # n inputs, each predicting the next token
+    rows = max(args.val_batch_size // (args.world_size * args.grad_accum_steps) // L, 1) * args.world_size  # eval_val's batch
+    bos = (val_tokens[:n] == bos_id).nonzero().flatten()
+    snap = lambda i: bos[min(torch.searchsorted(bos, i).item(), bos.numel() - 1)].item() if bos.numel() else i  # a document start at or after i
+    cuts = sorted({0, n, *(min(snap(n * r // rows), n) for r in range(1, rows))})
+    mine = list(zip(cuts, cuts[1:]))[args.rank :: args.world_size]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            for w in range(max((math.ceil((b - a) / L) for a, b in mine), default=0)):
+                x = torch.zeros(len(mine), L, dtype=torch.int64)
+                y = torch.full((len(mine), L), -100, dtype=torch.int64)  # -100: no target (F.cross_entropy ignores it)
+                for r, (a, b) in enumerate(mine):
+                    s, e = a + w * L, min(a + (w + 1) * L, b)
+                    if e > s:
+                        x[r, : e - s], y[r, : e - s] = val_tokens[s:e], val_tokens[s + 1 : e + 1]
+                x, y = x.to(device), y.to(device)
+                starts = x == bos_id
+                starts[:, 0] |= w == 0  # a row starts a document
+                hymba_layer.carry_state(model, starts)
+                for block in model.blocks:
+                    block.attn.pos_offset = w * L
+                scored = y != -100
+                sums[0] += model(x, y).double() * scored.sum()
+                sums[1] += scored.sum()
+                yv = y.clamp(min=0)
+                sums[2] += ((base_bytes[yv] + (has_leading_space[yv] & ~is_boundary[x])) * scored).double().sum()
+    finally:
+        hymba_layer.carry_state(model, None)
+        for block in model.blocks:
+            block.attn.pos_offset = 0
+    model.train()
+    if args.distributed:
+        dist.all_reduce(sums)
+    loss, targets, nbytes = sums.tolist()
+    return loss / targets, loss / targets / math.log(2) * targets / nbytes
 
 
 # ----------------------------------------------------------------------------- export: int8 + zlib/zstd
@@ -739,6 +793,10 @@ def main():
     tag = f"final_int8_{args.compressor}_roundtrip"
     log0(f"{tag} val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log0(f"{tag}_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
+    if args.eval_carry_state:
+        t_eval = time.perf_counter()
+        c_loss, c_bpb = eval_val_carried(args, base_model, device, val_tokens, luts, sp.bos_id())
+        log0(f"{tag}_carried val_loss:{c_loss:.8f} val_bpb:{c_bpb:.8f} eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     total_bytes = os.path.getsize(ptz_path) + code_bytes
     if args.distributed:  # DDP's reducer holds the process group: freed after it, at exit, a gloo rank aborts
         del model

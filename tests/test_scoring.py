@@ -174,3 +174,53 @@ def test_val_batch_below_one_sequence_per_micro_step_is_rejected(hparams):
     with pytest.raises(ValueError, match=r"VAL_BATCH_SIZE=1016 is invalid: it must be at least 8\*TRAIN_SEQ_LEN=1024"):
         hparams(VAL_BATCH_SIZE=1016, TRAIN_SEQ_LEN=128)
     assert hparams(VAL_BATCH_SIZE=1024, TRAIN_SEQ_LEN=128).val_batch_size == 1024
+
+
+# ----------------------------------------------------------------------------- scoring with the hybrid state carried
+
+@pytest.fixture
+def carried_model(monkeypatch):
+    """A 2-block GPT whose blocks are both hybrid (attention heads on a 6-token window, conv taps): with the
+    state carried, windows of 16 must score like one long pass over each document."""
+    import hymba_layer
+    monkeypatch.setattr(train_gpt, "CONTROL_TENSOR_NAME_PATTERNS", train_gpt.CONTROL_TENSOR_NAME_PATTERNS)
+    for k, v in dict(HYMBA_LAYERS="0,1", HYMBA_WINDOW="6", HYMBA_CONV="3", HYMBA_SCAN_CHUNK="8").items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(64, 2, 32, 4, 2, 2, True, 0.005, 30.0, 10000.0, 1.5)
+    hymba_layer.build_and_swap_hymba_layers(model, lambda line: None)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("A_log", "dt_bias")):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_carried_state_scores_every_target_once_like_one_long_pass_per_document(hparams, carried_model):
+    """Three documents (41, 33, 25 tokens: not multiples of the window) cut into 2 rows and scored 16 tokens at
+    a time with the state carried, against one long forward pass over each document's inputs (its last target
+    is the next document's BOS): loss and bpb within 1e-5, the bytes of every target counted once."""
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.cat([torch.tensor([1]), torch.randint(3, 64, (n,), generator=g)]) for n in (40, 32, 24)]
+    stream = torch.cat(docs)
+    luts = (torch.randint(1, 4, (64,), generator=g), torch.rand(64, generator=g) < 0.5, torch.rand(64, generator=g) < 0.2)
+    args = hparams(TRAIN_SEQ_LEN=16, VAL_BATCH_SIZE=256, HYMBA_LAYERS="0,1", EVAL_CARRY_STATE=1)  # 2 rows
+    loss, bpb = train_gpt.eval_val_carried(args, carried_model, CPU, stream, luts, bos_id=1)
+    starts = [0, 41, 74, stream.numel() - 1]
+    total_loss = total_bytes = 0.0
+    carried_model.eval()
+    with torch.no_grad():
+        for a, b in zip(starts, starts[1:]):
+            x, y = stream[a:b], stream[a + 1 : b + 1]
+            total_loss += carried_model(x[None], y[None]).item() * y.numel()
+            total_bytes += (luts[0][y] + (luts[1][y] & ~luts[2][x])).sum().item()
+    n = stream.numel() - 1
+    assert abs(loss - total_loss / n) < 1e-5
+    assert abs(bpb - total_loss / math.log(2) / total_bytes) < 1e-5
+    assert all(getattr(b.attn.hymba, "carry", None) is None and b.attn.pos_offset == 0 for b in carried_model.blocks)  # switched off after
+
+
+def test_carried_state_needs_hybrid_layers(hparams):
+    with pytest.raises(ValueError, match="EVAL_CARRY_STATE=1 is invalid without HYMBA_LAYERS"):
+        hparams(EVAL_CARRY_STATE=1)
