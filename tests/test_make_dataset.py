@@ -1,7 +1,9 @@
 """tools/make_dataset.py: shard format, export semantics, tokenizer, safety, CLI."""
 
 import json
+import lzma
 import random
+import statistics
 import struct
 import subprocess
 import sys
@@ -16,6 +18,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import make_dataset as md  # noqa: E402
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "fineweb_1024_bpe.model"
+SHARED_BOOKS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
          "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu the quick "
          "brown fox jumps over lazy dog").split()
@@ -326,3 +329,177 @@ def test_cli_bad_input_exits_2_with_named_value(tmp_path):
     run = run_cli("--out", tmp_path / "ds", "--text", text, "--val-docs", 3, "--quiet")
     assert run.returncode == 2 and run.stdout == ""
     assert "make_dataset.py: error: --val-docs 3: must be in 1..2 (the corpus has 3 documents" in run.stderr
+
+
+# ---------------------------------------------------------------- books corpus (long documents)
+
+def make_book(rng, title, paragraphs, extra=""):
+    """A title, then paragraphs separated by blank lines ("\n\n"), some with a line break inside."""
+    paras = []
+    for _ in range(paragraphs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(20, 70))] + ([extra] if extra else [])
+        words[rng.randrange(len(words))] += "\n"
+        paras.append(" ".join(words).replace("\n ", "\n") + ".")
+    return f"{title}\n\n" + "\n\n".join(paras)
+
+
+def write_books(folder, val, train):
+    """The corpus layout: xz text, books separated by three newlines, a separator after the last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, books in (("books_val.txt.xz", val), ("books_train.txt.xz", train)):  # names spelled out
+        with lzma.open(folder / name, "wt", encoding="utf-8") as f:
+            f.write("\n\n\n".join(books) + "\n\n\n")
+    return folder
+
+
+@pytest.fixture
+def books(tmp_path):
+    """3 val books (each with a word no train book has) and 4 train books, one of them one paragraph.
+    Titles count down: file order is not sorted order."""
+    rng = random.Random(5)
+    val = [make_book(rng, f"Val book {9 - i}", n, extra="Qwertyuiop") for i, n in enumerate((6, 3, 9))]
+    train = [make_book(rng, f"Train book {9 - i}", n) for i, n in enumerate((8, 1, 12, 5))]
+    return write_books(tmp_path / "corpus", val, train), val, train
+
+
+@pytest.fixture
+def tok_model(tmp_path, trained):
+    path = tmp_path / "tok_320.model"
+    path.write_bytes(trained.serialized_model_proto())
+    return path
+
+
+def test_books_one_bos_per_book_val_from_val_file_train_from_train_file_in_order(tmp_path, books, tok_model,
+                                                                                 monkeypatch):
+    folder, val_books, train_books = books
+    assert all("\n\n" in b for b in val_books + train_books)
+    monkeypatch.setattr(md, "READ_CHUNK_CHARS", 7)  # separators straddle the streaming reads
+    out = tmp_path / "out"
+    summary = md.build_books_dataset(out, folder, tokenizer=tok_model, shard_tokens=300, quiet=True)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_model))
+    for split, expected in (("val", val_books), ("train", train_books)):
+        paths, tokens = read_split(out, split)
+        assert len(paths) > 1  # books run across shards
+        assert int((tokens == md.BOS_ID).sum()) == len(expected)
+        assert split_docs(tokens) == [sp.encode(book) for book in expected]
+        lengths = [len(sp.encode(book)) for book in expected]
+        assert summary["doc_tokens"][split] == {"docs": len(expected), "min": min(lengths),
+                                                "median": statistics.median(lengths), "max": max(lengths)}
+        assert summary[f"{split}_tokens"] == len(tokens) == sum(lengths) + len(expected)
+        assert summary[f"{split}_shards"] == [p.name for p in paths]
+    assert (summary["docs"], summary["val_docs"], summary["train_docs"]) == (7, 3, 4)
+    assert summary["chars"] == sum(map(len, val_books + train_books))
+    assert (summary["books"], summary["max_val_books"], summary["max_train_books"]) == (str(folder), None, None)
+    assert summary["tokenizer_path"] == str(out / "fineweb_320_bpe.model")
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_books_caps_keep_the_first_books_of_each_split(tmp_path, books, tok_model):
+    folder, val_books, train_books = books
+    sp = spm.SentencePieceProcessor(model_file=str(tok_model))
+    summary = md.build_books_dataset(tmp_path / "a", folder, tokenizer=tok_model, max_val_books=1,
+                                     max_train_books=2, quiet=True)
+    assert split_docs(read_split(tmp_path / "a", "val")[1]) == [sp.encode(val_books[0])]
+    assert split_docs(read_split(tmp_path / "a", "train")[1]) == [sp.encode(b) for b in train_books[:2]]
+    assert (summary["val_docs"], summary["train_docs"], summary["max_val_books"], summary["max_train_books"]) == (1, 2, 1, 2)
+    assert summary["chars"] == len(val_books[0]) + len(train_books[0]) + len(train_books[1])
+    more = md.build_books_dataset(tmp_path / "b", folder, tokenizer=tok_model, max_val_books=50, quiet=True)
+    assert (more["val_docs"], more["train_docs"]) == (3, 4)
+    with pytest.raises(md.DatasetError, match="--max-train-books 0: must be at least 1"):
+        md.build_books_dataset(tmp_path / "c", folder, tokenizer=tok_model, max_train_books=0, quiet=True)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1 << 20])
+def test_book_file_splits_at_three_newlines_only(tmp_path, monkeypatch, chunk):
+    path = tmp_path / "b.txt.xz"
+    with lzma.open(path, "wb") as f:  # bytes: keep the "\r\n"
+        f.write("\nOne\n\npara two\nline\n\n\n\n\nTwo \u00e9\n\n\n\n\n\nThree\r\nend".encode())
+    monkeypatch.setattr(md, "READ_CHUNK_CHARS", chunk)
+    book_file = md.BookFile(path)
+    assert list(book_file) == ["One\n\npara two\nline", "Two \u00e9", "Three\nend"]
+    assert (book_file.books, book_file.fraction()) == (3, 1.0)
+    assert list(md.BookFile(path, limit=2)) == ["One\n\npara two\nline", "Two \u00e9"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not xz at all", r"books_train.txt.xz: not a readable \.xz file"),
+    (lzma.compress(b"caf\xe9"), r"books_train.txt.xz: not UTF-8 text"),
+    (lzma.compress(b"\n\n\n\n\n\n"), r"books_train.txt.xz: no books found"),
+], ids=["not-xz", "not-utf8", "no-books"])
+def test_bad_books_file_fails_and_keeps_the_old_dataset(tmp_path, books, tok_model, content, message):
+    folder, _, _ = books
+    out = tmp_path / "out"
+    md.build_books_dataset(out, folder, tokenizer=tok_model, shard_tokens=200, quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (folder / "books_train.txt.xz").write_bytes(content)
+    with pytest.raises(md.DatasetError, match=message):
+        md.build_books_dataset(out, folder, tokenizer=tok_model, shard_tokens=50, force=True, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new val shard, no staging folder
+
+
+def test_books_folder_errors_name_the_path_and_what_is_expected(tmp_path, books, tok_model):
+    folder, _, _ = books
+    (folder / "books_val.txt.xz").unlink()
+    with pytest.raises(md.DatasetError, match=rf"--books {folder}: no books_val.txt.xz; expected a folder holding"):
+        md.build_books_dataset(tmp_path / "out", folder, tokenizer=tok_model, quiet=True)
+    (tmp_path / "b.txt").write_text("x")
+    with pytest.raises(md.DatasetError, match=r"b.txt: not a folder; expected a folder holding"):
+        md.build_books_dataset(tmp_path / "out", tmp_path / "b.txt", tokenizer=tok_model, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_books_missing_corpus_one_line_error_writes_nothing(tmp_path):
+    missing = tmp_path / "no_corpus"
+    run = run_cli("--books", missing, "--out", tmp_path / "ds", "--tokenizer", tmp_path / "t.model")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == (f"make_dataset.py: error: --books {missing}: no such folder; expected a folder holding "
+                          "books_val.txt.xz and books_train.txt.xz (xz-compressed UTF-8 text, books separated "
+                          "by three newlines)\n")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_books_default_path_and_options_of_the_other_input_refused(tmp_path):
+    assert md.BOOKS_DEFAULT == REPO.parent / "shared" / "corpus"
+    assert md.parse_args(["--out", "x", "--books"]).books == md.BOOKS_DEFAULT
+    assert md.parse_args(["--out", "x", "--books", "--tokenizer", "t.model"]).tokenizer == Path("t.model")
+    for args, message in ((["--books", "--val-docs", "2"], "--val-docs: not used with --books"),
+                          (["--books", "--val-frac", "0.2"], "--val-frac: not used with --books"),
+                          (["--books", "--max-docs", "9"], "--max-docs: not used with --books"),
+                          (["--max-val-books", "1"], "--max-val-books: only used with --books")):
+        run = run_cli("--out", tmp_path / "ds", *args)
+        assert run.returncode == 2 and run.stderr.startswith(f"make_dataset.py: error: {message}"), run.stderr
+        assert run.stderr.count("\n") == 1 and not (tmp_path / "ds").exists()
+
+
+def test_cli_books_end_to_end_with_a_tokenizer_trained_on_train_books(tmp_path, books):
+    folder, val_books, train_books = books
+    out = tmp_path / "ds"
+    run = run_cli("--books", folder, "--out", out, "--vocab-size", VOCAB, "--max-val-books", 2, "--shard-tokens", 400)
+    assert run.returncode == 0, run.stderr
+    assert "encode val: 2 books" in run.stderr and "encode train: 4 books" in run.stderr
+    assert "tokens per book min" in run.stderr
+    summary = json.loads(run.stdout)
+    assert (summary["val_docs"], summary["train_docs"], summary["vocab_size"]) == (2, 4, VOCAB)
+    assert summary["tokenizer_source"].endswith("chars of books_train.txt.xz")
+    assert set(summary["doc_tokens"]) == {"val", "train"}
+    sp = spm.SentencePieceProcessor(model_file=summary["tokenizer_path"])
+    assert not any("Q" in sp.id_to_piece(i) for i in range(sp.vocab_size()))  # val words unseen
+    assert split_docs(read_split(out, "val")[1]) == [sp.encode(b) for b in val_books[:2]]
+    assert split_docs(read_split(out, "train")[1]) == [sp.encode(b) for b in train_books]
+
+
+@pytest.mark.skipif(not (SHARED_BOOKS / "books_val.txt.xz").is_file(), reason=f"{SHARED_BOOKS} not present")
+@pytest.mark.skipif(not SHARED_TOKENIZER.exists(), reason=f"{SHARED_TOKENIZER} not present")
+def test_real_books_are_documents_longer_than_10k_tokens(tmp_path):
+    summary = md.build_books_dataset(tmp_path, SHARED_BOOKS, tokenizer=SHARED_TOKENIZER, max_val_books=2,
+                                     max_train_books=1, quiet=True)
+    val_docs = split_docs(read_split(tmp_path, "val")[1])
+    train_docs = split_docs(read_split(tmp_path, "train")[1])
+    assert (len(val_docs), len(train_docs)) == (2, 1)
+    assert all(len(doc) > 10_000 for doc in val_docs + train_docs)
+    assert summary["doc_tokens"]["val"]["min"] > 10_000
+    with lzma.open(SHARED_BOOKS / "books_val.txt.xz", "rt", encoding="utf-8") as f:
+        first = [b for b in f.read().split("\n\n\n") if b.strip()][:2]
+    sp = spm.SentencePieceProcessor(model_file=str(SHARED_TOKENIZER))
+    assert val_docs == [sp.encode(book) for book in first]

@@ -1,7 +1,15 @@
 #!/usr/bin/env python3
 """Turn text into Parameter Golf shards: fineweb_{val,train}_NNNNNN.bin plus a SentencePiece model.
 
-Input documents (in this order, then shuffled with --seed):
+Long documents (--books [DIR], default ../shared/corpus next to the repository): a folder with
+books_val.txt.xz and books_train.txt.xz (xz-compressed UTF-8, books separated by three newlines,
+split by author). One book = one document. Val shards come from books_val, train shards from
+books_train, each in file order: the corpus's own split is kept, nothing is shuffled. The files
+are streamed (a batch of books in memory at a time); --max-val-books / --max-train-books keep
+the first N books of a split. The summary gives books and tokens per split and the
+tokens-per-book distribution (min/median/max).
+
+Input documents otherwise (in this order, then shuffled with --seed):
   * a .jsonl file: one document per line, taken from its "text" field;
   * any other file (.txt, .md, ...): UTF-8 text split into documents at blank lines,
     so each paragraph is one document (use JSONL to keep longer documents whole);
@@ -14,9 +22,10 @@ otherwise a BPE model of --vocab-size pieces is trained on the train documents o
 50M chars), with the challenge's SentencePiece settings (byte fallback, split digits, nmt_nfkc,
 no dummy prefix, pad/bos/eos/unk = 0/1/2/3). Documents are held in memory.
 
-Export semantics follow the challenge: the first documents are val, the rest train; each
-document is stored as [bos_id] + encode(text) with no EOS, packed back to back into shards of
---shard-tokens tokens; a shard is flushed when full and when the split changes.
+Export semantics follow the challenge: the first documents are val, the rest train (with --books:
+the val file's books, then the train file's); each document is stored as [bos_id] + encode(text)
+with no EOS, packed back to back into shards of --shard-tokens tokens; a shard is flushed when
+full and when the split changes.
 
 Shard file: 256 little-endian int32 header (magic 20240520, version 1, token count N, zeros)
 = 1024 bytes, then N little-endian uint16 tokens.
@@ -36,15 +45,18 @@ import importlib
 import inspect
 import io
 import json
+import lzma
 import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +72,11 @@ SPACE_PIECE = "\u2581"  # "▁": the scorer needs it as a piece of its own
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 TOKENIZER_TRAIN_CHARS = 50_000_000  # cap on training text for the tokenizer (speed, memory)
 ENCODE_BATCH_DOCS = 2048
+ENCODE_BATCH_CHARS = 4_000_000  # a batch of books (~10): its ids as Python lists take ~100 MB at most
+BOOKS_FILES = {"val": "books_val.txt.xz", "train": "books_train.txt.xz"}
+BOOK_SEPARATOR = "\n\n\n"
+BOOKS_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+READ_CHUNK_CHARS = 1 << 20
 
 
 class DatasetError(ValueError):
@@ -166,6 +183,63 @@ def _read_jsonl(path: Path) -> list[str]:
         if record["text"].strip():
             docs.append(record["text"])
     return docs
+
+
+def books_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """{"val": .../books_val.txt.xz, "train": .../books_train.txt.xz}, or a one-line error."""
+    folder = Path(folder)
+    expected = (f"expected a folder holding {BOOKS_FILES['val']} and {BOOKS_FILES['train']} "
+                "(xz-compressed UTF-8 text, books separated by three newlines)")
+    if not folder.is_dir():
+        raise DatasetError(f"--books {folder}: {'not a folder' if folder.exists() else 'no such folder'}; {expected}")
+    missing = [name for name in BOOKS_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise DatasetError(f"--books {folder}: no {' and no '.join(missing)}; {expected}")
+    return {split: folder / name for split, name in BOOKS_FILES.items()}
+
+
+class BookFile:
+    """The books of one .xz file, in file order, streamed: iterating yields one str per book.
+
+    The text is split at every "\\n\\n\\n" (inside a book there are at most two newlines in a row);
+    newlines around a book are dropped and empty pieces skipped. Newlines are read in universal
+    mode ("\\r\\n" -> "\\n"). Memory: one read chunk plus the book being cut. `limit` stops after
+    that many books; `fraction()` is the share of the compressed file read so far.
+    """
+
+    def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        self.path, self.limit = Path(path), limit
+        self.size = max(self.path.stat().st_size, 1)
+        self.read_bytes = 0  # compressed bytes read so far
+        self.books = 0
+
+    def fraction(self) -> float:
+        return min(self.read_bytes / self.size, 1.0)
+
+    def __iter__(self) -> Iterator[str]:
+        self.books = self.read_bytes = 0
+        try:
+            with open(self.path, "rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as text:
+                rest = ""
+                while self.limit is None or self.books < self.limit:
+                    chunk = text.read(READ_CHUNK_CHARS)
+                    self.read_bytes = raw.tell()
+                    *books, rest = (rest + chunk).split(BOOK_SEPARATOR)
+                    if not chunk:  # end of file: what is left is the last book
+                        books.append(rest)
+                    for book in books:
+                        book = book.strip("\n")
+                        if book and (self.limit is None or self.books < self.limit):
+                            self.books += 1
+                            yield book
+                    if not chunk:
+                        break
+        except lzma.LZMAError as e:
+            raise DatasetError(f"{self.path}: not a readable .xz file ({e})") from None
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{self.path}: not UTF-8 text ({e.reason})") from None
+        if not self.books:
+            raise DatasetError(f"{self.path}: no books found (expected UTF-8 text, books separated by three newlines)")
 
 
 # Never import these (GUI, easter eggs with side effects) and skip test code.
@@ -346,7 +420,7 @@ class Progress:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.interval = 0.25 if self.tty else 5.0
-        self.last = 0.0
+        self.last = time.monotonic()  # the first line after one interval: short steps print only their final line
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -401,18 +475,10 @@ def build_dataset(out_dir, docs, *, tokenizer=None, vocab_size: int = 1024, toke
     started = time.monotonic()
     progress = Progress(quiet)
     out_dir = Path(out_dir)
-    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
-        raise DatasetError(f"--shard-tokens {shard_tokens}: must be in 1..{MAX_SHARD_TOKENS}")
-    if tokenizer is None:
-        _check_vocab_size(vocab_size)
+    _check_build_args(shard_tokens, tokenizer, vocab_size)
     if max_docs is not None and max_docs < 2:
         raise DatasetError(f"--max-docs {max_docs}: must be at least 2 (one val and one train document)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DatasetError(f"--out {out_dir}: exists and is not a folder")
-    old_shards = shard_paths(out_dir, "val") + shard_paths(out_dir, "train")
-    if old_shards and not force:
-        raise DatasetError(f"--out {out_dir}: already holds {len(old_shards)} shard(s) "
-                           f"(e.g. {old_shards[0].name}); pass --force to replace them")
+    old_shards = _check_out_dir(out_dir, force)
 
     # 1. Shuffle, cap and split by whole documents: val first, as in the challenge.
     order = list(range(len(docs)))
@@ -428,29 +494,115 @@ def build_dataset(out_dir, docs, *, tokenizer=None, vocab_size: int = 1024, toke
     progress.log(f"corpus: {len(docs):,} docs ({n_val:,} val), {sum(map(len, docs)):,} chars")
 
     # 2. Tokenizer: given, or trained on the train split only.
+    tok = _prepare_tokenizer(out_dir, tokenizer, tokenizer_out, vocab_size, seed, force, progress,
+                             splits["train"], f"{len(splits['train']):,} train docs")
+
+    # 3. Encode and stage shards, then move them into place.
+    written = _write_splits(out_dir, old_shards, tok, splits, shard_tokens, progress,
+                            {split: dict(unit="docs", total=len(d)) for split, d in splits.items()})
+    summary = {**_summary_head(out_dir, tok, seed),
+               "docs": len(docs), "val_docs": len(splits["val"]), "train_docs": len(splits["train"]),
+               **written, "seconds": round(time.monotonic() - started, 2)}
+    _log_written(progress, out_dir, summary)
+    return summary
+
+
+def build_books_dataset(out_dir, books=BOOKS_DEFAULT, *, tokenizer=None, vocab_size: int = 1024,
+                        tokenizer_out=None, max_val_books: int | None = None,
+                        max_train_books: int | None = None, shard_tokens: int = 10**8,
+                        seed: int = 1337, force: bool = False, quiet: bool = False) -> dict:
+    """Shards from a long-document books corpus: one book = one document, [BOS] + encode(book).
+
+    books: a folder with books_val.txt.xz and books_train.txt.xz. Val shards hold the val file's
+    books and train shards the train file's, each in file order (the corpus's by-author split,
+    never shuffled); max_*_books keep the first N of a split. The files are streamed. A trained
+    tokenizer (tokenizer=None) sees the first 50M chars of the (capped) train books. Same
+    staging and overwrite rules as build_dataset; the summary adds the books folder, the caps
+    and, per split, the tokens-per-book distribution (doc_tokens).
+    """
+    started = time.monotonic()
+    progress = Progress(quiet)
+    out_dir = Path(out_dir)
+    _check_build_args(shard_tokens, tokenizer, vocab_size)
+    for flag, cap in (("--max-val-books", max_val_books), ("--max-train-books", max_train_books)):
+        if cap is not None and cap < 1:
+            raise DatasetError(f"{flag} {cap}: must be at least 1")
+    files = books_files(books)
+    old_shards = _check_out_dir(out_dir, force)
+    splits = {"val": BookFile(files["val"], max_val_books), "train": BookFile(files["train"], max_train_books)}
+    caps = {"val": max_val_books, "train": max_train_books}
+    progress.log(f"books: {files['val']} -> val, {files['train']} -> train, in file order"
+                 + "".join(f", first {cap:,} {split}" for split, cap in caps.items() if cap))
+
+    tok = _prepare_tokenizer(out_dir, tokenizer, tokenizer_out, vocab_size, seed, force, progress,
+                             BookFile(files["train"], max_train_books),
+                             f"at most the first {TOKENIZER_TRAIN_CHARS:,} chars of {files['train'].name}")
+    written = _write_splits(out_dir, old_shards, tok, splits, shard_tokens, progress,
+                            {split: dict(unit="books", where=book_file) for split, book_file in splits.items()})
+    n_val, n_train = (written["doc_tokens"][split]["docs"] for split in ("val", "train"))
+    summary = {**_summary_head(out_dir, tok, seed), "books": str(Path(books)),
+               "max_val_books": max_val_books, "max_train_books": max_train_books,
+               "docs": n_val + n_train, "val_docs": n_val, "train_docs": n_train,
+               **written, "seconds": round(time.monotonic() - started, 2)}
+    _log_written(progress, out_dir, summary)
+    return summary
+
+
+def _check_build_args(shard_tokens: int, tokenizer, vocab_size: int) -> None:
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise DatasetError(f"--shard-tokens {shard_tokens}: must be in 1..{MAX_SHARD_TOKENS}")
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> list[Path]:
+    """The shards already in out_dir (to replace), or an error if there are some and not force."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"--out {out_dir}: exists and is not a folder")
+    old_shards = shard_paths(out_dir, "val") + shard_paths(out_dir, "train")
+    if old_shards and not force:
+        raise DatasetError(f"--out {out_dir}: already holds {len(old_shards)} shard(s) "
+                           f"(e.g. {old_shards[0].name}); pass --force to replace them")
+    return old_shards
+
+
+class _Tokenizer:
+    def __init__(self, sp, model_bytes: bytes, source: str, path: Path):
+        self.sp, self.model_bytes, self.source, self.path = sp, model_bytes, source, path
+
+
+def _prepare_tokenizer(out_dir: Path, tokenizer, tokenizer_out, vocab_size: int, seed: int, force: bool,
+                       progress: "Progress", train_docs: Iterable[str], train_desc: str) -> _Tokenizer:
+    """Load --tokenizer, or train one on train_docs; check where it will be written."""
     if tokenizer is not None:
         sp = load_tokenizer(tokenizer)
         model_bytes = Path(tokenizer).read_bytes()  # copied verbatim
         source = str(tokenizer)
     else:
         t0 = time.monotonic()
-        sp = train_tokenizer(splits["train"], vocab_size, seed=seed)
-        source = f"trained BPE on {len(splits['train']):,} train docs"
+        sp = train_tokenizer(train_docs, vocab_size, seed=seed)
+        source = f"trained BPE on {train_desc}"
         model_bytes = sp.serialized_model_proto()
         progress.log(f"tokenizer: trained vocab {vocab_size} in {time.monotonic() - t0:.1f}s")
-    vocab = sp.vocab_size()
-    tokenizer_out = Path(tokenizer_out) if tokenizer_out else out_dir / f"fineweb_{vocab}_bpe.model"
-    if tokenizer_out.exists() and not force and tokenizer_out.read_bytes() != model_bytes:
-        raise DatasetError(f"--tokenizer-out {tokenizer_out}: a different file exists; pass --force to replace it")
+    path = Path(tokenizer_out) if tokenizer_out else out_dir / f"fineweb_{sp.vocab_size()}_bpe.model"
+    if path.exists() and not force and path.read_bytes() != model_bytes:
+        raise DatasetError(f"--tokenizer-out {path}: a different file exists; pass --force to replace it")
+    return _Tokenizer(sp, model_bytes, source, path)
 
-    # 3. Encode and stage shards, then move them into place.
+
+def _write_splits(out_dir: Path, old_shards: list[Path], tok: _Tokenizer, splits: dict, shard_tokens: int,
+                  progress: "Progress", encode_opts: dict) -> dict:
+    """Encode each split into a staging folder, then swap the shards in and write the tokenizer.
+
+    Returns the summary's per-split fields: chars, tokens, shard names, tokens per document.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        names, tokens = {}, {}
-        for split, split_docs in splits.items():
+        names, stats = {}, {}
+        for split, docs in splits.items():
             writer = _ShardWriter(staging, split, shard_tokens)
-            tokens[split] = _encode_split(sp, split, split_docs, writer, progress)
+            stats[split] = _encode_split(tok.sp, split, docs, writer, progress, **encode_opts[split])
             names[split] = writer.names
         for path in old_shards:
             path.unlink()
@@ -458,29 +610,27 @@ def build_dataset(out_dir, docs, *, tokenizer=None, vocab_size: int = 1024, toke
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    tokenizer_out.parent.mkdir(parents=True, exist_ok=True)
-    if not tokenizer_out.exists() or tokenizer_out.read_bytes() != model_bytes:
-        write_atomic(tokenizer_out, model_bytes)
-
-    summary = {
-        "out_dir": str(out_dir),
-        "tokenizer_path": str(tokenizer_out),
-        "tokenizer_source": source,
-        "vocab_size": vocab,
-        "seed": seed,
-        "docs": len(docs),
-        "val_docs": len(splits["val"]),
-        "train_docs": len(splits["train"]),
-        "chars": sum(map(len, docs)),
-        "val_tokens": tokens["val"],
-        "train_tokens": tokens["train"],
+    tok.path.parent.mkdir(parents=True, exist_ok=True)
+    if not tok.path.exists() or tok.path.read_bytes() != tok.model_bytes:
+        write_atomic(tok.path, tok.model_bytes)
+    return {
+        "chars": sum(s.chars for s in stats.values()),
+        "val_tokens": stats["val"].tokens,
+        "train_tokens": stats["train"].tokens,
         "val_shards": names["val"],
         "train_shards": names["train"],
-        "seconds": round(time.monotonic() - started, 2),
+        "doc_tokens": {split: s.distribution() for split, s in stats.items()},
     }
-    progress.log(f"wrote {len(names['val'])} val + {len(names['train'])} train shards "
+
+
+def _summary_head(out_dir: Path, tok: _Tokenizer, seed: int) -> dict:
+    return {"out_dir": str(out_dir), "tokenizer_path": str(tok.path), "tokenizer_source": tok.source,
+            "vocab_size": tok.sp.vocab_size(), "seed": seed}
+
+
+def _log_written(progress: "Progress", out_dir: Path, summary: dict) -> None:
+    progress.log(f"wrote {len(summary['val_shards'])} val + {len(summary['train_shards'])} train shards "
                  f"({summary['val_tokens']:,} + {summary['train_tokens']:,} tokens) to {out_dir}")
-    return summary
 
 
 def _val_count(val_frac: float, n_docs: int) -> int:
@@ -489,22 +639,60 @@ def _val_count(val_frac: float, n_docs: int) -> int:
     return max(1, round(val_frac * n_docs))
 
 
-def _encode_split(sp, split: str, docs: list[str], writer: _ShardWriter, progress: Progress) -> int:
-    """Write [BOS] + encode(doc) for each doc, in order; returns the token count."""
-    t0, tokens = time.monotonic(), 0
+class _SplitStats:
+    """What one split's encoding produced: documents, chars, tokens (BOS included), lengths."""
+
+    def __init__(self):
+        self.lengths: list[int] = []  # tokens per document, its BOS excluded
+        self.chars = 0
+        self.tokens = 0
+
+    def distribution(self) -> dict:
+        """Tokens per document (without its BOS): count, min, median, max."""
+        lengths = self.lengths or [0]
+        median = statistics.median(lengths)  # the mean of the middle two for an even count
+        return {"docs": len(self.lengths), "min": min(lengths),
+                "median": int(median) if float(median).is_integer() else median, "max": max(lengths)}
+
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    """Consecutive documents, at most ENCODE_BATCH_DOCS of them or ENCODE_BATCH_CHARS chars (a whole doc more)."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_split(sp, split: str, docs: Iterable[str], writer: _ShardWriter, progress: Progress, *,
+                  unit: str = "docs", total: int | None = None, where: BookFile | None = None) -> _SplitStats:
+    """Write [BOS] + encode(doc) for each doc, in order, batch by batch (docs may be a stream)."""
+    t0, stats = time.monotonic(), _SplitStats()
     threads = os.cpu_count() or 1
-    for start in range(0, len(docs), ENCODE_BATCH_DOCS):
-        batch = docs[start:start + ENCODE_BATCH_DOCS]
+    bos = np.array([BOS_ID], dtype=np.uint16)
+    for batch in _batches(docs):
         for ids in sp.encode(batch, num_threads=threads):
-            writer.add(np.array([BOS_ID], dtype=np.uint16))
+            writer.add(bos)
             writer.add(np.array(ids, dtype=np.uint16))
-            tokens += 1 + len(ids)
-        done = start + len(batch)
-        rate = tokens / max(time.monotonic() - t0, 1e-9)
-        progress.status(f"encode {split}: {done:,}/{len(docs):,} docs, {tokens:,} tokens, "
-                        f"{rate / 1e6:.2f}M tok/s", final=done == len(docs))
+            stats.lengths.append(len(ids))
+            stats.tokens += 1 + len(ids)
+        stats.chars += sum(map(len, batch))
+        done = len(stats.lengths)
+        rate = stats.tokens / max(time.monotonic() - t0, 1e-9)
+        count = f"{done:,}/{total:,}" if total is not None else f"{done:,}"
+        read = f" ({where.fraction():.0%} of {where.path.name})" if where is not None else ""
+        progress.status(f"encode {split}: {count} {unit}{read}, {stats.tokens:,} tokens, "
+                        f"{rate / 1e6:.2f}M tok/s")
     writer.flush()
-    return tokens
+    d, seconds = stats.distribution(), time.monotonic() - t0
+    progress.status(f"encode {split}: {d['docs']:,}{'' if total is None else f'/{total:,}'} {unit}, "
+                    f"{stats.chars:,} chars, {stats.tokens:,} tokens in {seconds:.1f}s; tokens per "
+                    f"{unit[:-1]} min {d['min']:,} / median {d['median']:,} / max {d['max']:,}", final=True)
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -516,10 +704,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Challenge layout (the host's default DATA_PATH and TOKENIZER_PATH):\n"
                "  python tools/make_dataset.py --out data/datasets/fineweb10B_sp1024 \\\n"
-               "      --tokenizer-out data/tokenizers/fineweb_1024_bpe.model")
+               "      --tokenizer-out data/tokenizers/fineweb_1024_bpe.model\n"
+               "Long documents (one book = one document; val = books_val, train = books_train):\n"
+               "  python tools/make_dataset.py --books --tokenizer ../shared/tokenizers/fineweb_1024_bpe.model \\\n"
+               "      --out data/books_sp1024\n"
+               "  then DATA_PATH=data/books_sp1024 TOKENIZER_PATH=data/books_sp1024/fineweb_1024_bpe.model")
     parser.add_argument("--out", required=True, type=Path, help="folder for the shards")
-    parser.add_argument("--text", nargs="+", type=Path, metavar="PATH",
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", nargs="+", type=Path, metavar="PATH",
                         help="text/markdown/JSONL files or folders (default: built-in CPython docs)")
+    source.add_argument("--books", nargs="?", type=Path, const=BOOKS_DEFAULT, metavar="DIR",
+                        help="books corpus folder with books_val.txt.xz + books_train.txt.xz "
+                             "(DIR defaults to ../shared/corpus next to the repository)")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, metavar="MODEL", help="use this SentencePiece .model")
     tok.add_argument("--vocab-size", type=int, default=1024, metavar="V",
@@ -528,8 +724,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the .model goes (default OUT/fineweb_{V}_bpe.model)")
     val = parser.add_mutually_exclusive_group()
     val.add_argument("--val-docs", type=int, metavar="N", help="number of val documents")
-    val.add_argument("--val-frac", type=float, default=0.1, metavar="F",
+    val.add_argument("--val-frac", type=float, metavar="F",
                      help="fraction of documents for val (default 0.1)")
+    parser.add_argument("--max-val-books", type=int, metavar="N", help="with --books: only the first N val books")
+    parser.add_argument("--max-train-books", type=int, metavar="N", help="with --books: only the first N train books")
     parser.add_argument("--shard-tokens", type=int, default=10**8, metavar="N", help="tokens per shard (default 1e8)")
     parser.add_argument("--seed", type=int, default=1337, metavar="S",
                         help="document shuffle and tokenizer seed (default 1337)")
@@ -539,22 +737,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_source_options(args: argparse.Namespace) -> None:
+    """Options of one kind of input given with the other: refuse them rather than ignore them."""
+    if args.books is not None:
+        for flag, value in (("--val-docs", args.val_docs), ("--val-frac", args.val_frac), ("--max-docs", args.max_docs)):
+            if value is not None:
+                raise DatasetError(f"{flag}: not used with --books (the corpus has its own val file, "
+                                   "kept whole and unshuffled); use --max-val-books / --max-train-books")
+    else:
+        for flag, value in (("--max-val-books", args.max_val_books), ("--max-train-books", args.max_train_books)):
+            if value is not None:
+                raise DatasetError(f"{flag}: only used with --books")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.text:
-            docs = load_documents(args.text)
+        _check_source_options(args)
+        common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out,
+                      shard_tokens=args.shard_tokens, seed=args.seed, force=args.force, quiet=args.quiet)
+        if args.books is not None:
+            summary = build_books_dataset(args.out, args.books, max_val_books=args.max_val_books,
+                                          max_train_books=args.max_train_books, **common)
         else:
-            t0 = time.monotonic()
-            docs = builtin_corpus()
-            if not args.quiet:
-                print(f"built-in corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars "
-                      f"(Python {sys.version.split()[0]}, {time.monotonic() - t0:.1f}s)", file=sys.stderr)
-        summary = build_dataset(
-            args.out, docs, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            tokenizer_out=args.tokenizer_out, val_docs=args.val_docs, val_frac=args.val_frac,
-            shard_tokens=args.shard_tokens, seed=args.seed, max_docs=args.max_docs,
-            force=args.force, quiet=args.quiet)
+            if args.text:
+                docs = load_documents(args.text)
+            else:
+                t0 = time.monotonic()
+                docs = builtin_corpus()
+                if not args.quiet:
+                    print(f"built-in corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars "
+                          f"(Python {sys.version.split()[0]}, {time.monotonic() - t0:.1f}s)", file=sys.stderr)
+            summary = build_dataset(
+                args.out, docs, val_docs=args.val_docs,
+                val_frac=0.1 if args.val_frac is None else args.val_frac, max_docs=args.max_docs, **common)
     except DatasetError as e:
         print(f"make_dataset.py: error: {e}", file=sys.stderr)
         return 2
