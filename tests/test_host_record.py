@@ -2,8 +2,9 @@
 FlashAttention 3, Triton kernels, GPTQ int6 + LQER export, phased LoRA TTT) run end to end on the CPU,
 unpatched, in tools/host_cpu.py's copy: FA3 -> SDPA stand-ins (the varlen one exact per segment), Triton
 paths off, CUDA -> CPU. One tiny run trains, quantizes and scores it with the host's own code; the stand-ins
-are checked against plain attention on their own. The patched copy (tools/patch_host.py) is the next step:
-its tests are marked as expected failures (not strict) until patching this host is done."""
+are checked against plain attention on their own. The patched copy (tools/patch_host.py) keeps those swaps
+and runs it without HYMBA_LAYERS (same losses and scores) and with two hybrid layers (trains, GPTQ-exports, scores
+through the host's TTT path with the hybrid heads in it)."""
 import collections
 import json
 import math
@@ -202,16 +203,8 @@ def test_gptq_export_quantizes_the_big_matrices_and_ships_the_artifact(original)
     assert grab(r"^Code size \(compressed\): {n} bytes$", out)  # pyminify, or where absent the plain code
 
 
-# ----------------------------------------------------------------------------- next step: the patched copy
+# ----------------------------------------------------------------------------- the patched copy
 
-PATCHED_PENDING = pytest.mark.xfail(
-    strict=False,
-    reason="patching record_0429 is work in progress: the committed tools/patch_host.py refuses it (unwrap() takes the "
-           "b85decode(\"...\") string built in its _compressed_code_size for a self-extracting payload); drop this "
-           "mark once the patched record runs")
-
-
-@PATCHED_PENDING
 def test_patched_copy_keeps_the_cpu_swaps_outside_the_inlined_module(tmp_path):
     copy = write_script(tmp_path / "train_gpt.py", "record", patched=True).read_text(encoding="utf-8")
     patched = patch_host.patch_text(host_text("record"), MODULE_SOURCE)
@@ -222,10 +215,71 @@ def test_patched_copy_keeps_the_cpu_swaps_outside_the_inlined_module(tmp_path):
     assert "hymba_layer.build_and_swap_hymba_layers(eval_model)" in copy
 
 
-@PATCHED_PENDING
 def test_patched_record_without_hymba_trains_exactly_like_the_original(tmp_path, original, data_dir):
     patched = run_copy(tmp_path, True, data_dir)
     assert "hymba:" not in patched
     assert train_losses(patched) == train_losses(original[1])
     assert scores(patched).keys() == scores(original[1]).keys()
     assert all(scores(patched)[label] == scores(original[1])[label] for label in SCORES)
+
+
+# which host function called the kernel hook for a hybrid layer, and with which kernel -> hymba_calls.json
+CALL_PROBE = """
+import atexit as _atexit, collections as _collections, json as _json, sys as _sys
+_hymba_calls, _hook = _collections.Counter(), hymba_layer.hymba_attention
+def _probed_hook(layer, kernel, *args, **kwargs):
+    if getattr(layer, "hymba", None) is not None:
+        _hymba_calls[f"{_sys._getframe(1).f_code.co_name}:{kernel.__name__}"] += 1
+    return _hook(layer, kernel, *args, **kwargs)
+hymba_layer.hymba_attention = _probed_hook
+_atexit.register(lambda: _json.dump(_hymba_calls, open("hymba_calls.json", "w")))
+"""
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory, data_dir):
+    """The patched copy with blocks 1 (looped, plain lane) and 3 (parallel lanes) hybrid, conv taps on."""
+    folder = tmp_path_factory.mktemp("record_hybrid")
+    script = write_script(folder / "train_gpt.py", "record", patched=True)
+    text = script.read_text(encoding="utf-8")
+    end = text.index(patch_host.END) + len(patch_host.END) + 1
+    script.write_text(text[:end] + CALL_PROBE + text[end:], encoding="utf-8")
+    run_id = f"record_{uuid.uuid4().hex[:12]}"
+    try:
+        proc = subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=600,
+                              env=host_env(**TINY, RUN_ID=run_id, DATA_DIR=f"{data_dir}/", HYMBA_LAYERS="1,3", HYMBA_CONV="2"))
+    finally:
+        for name in ("counter", "prefix_counter", "pause_flag"):
+            Path(f"/tmp/ttt_{name}_{run_id}").unlink(missing_ok=True)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return folder, proc.stdout
+
+
+def test_hybrid_record_trains_exports_and_scores(hybrid):
+    out = hybrid[1]
+    swapped = re.findall(r"^hymba:layer (\d) attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:32 ", out, re.M)
+    assert swapped == ["1", "3"] * 3  # the training model and each model deserialize() loads (quantized eval, TTT)
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 1.0
+    found = scores(out)
+    assert set(SCORES) <= set(found) and all(math.isfinite(found[label][1]) and 0 < found[label][1] < 4 for label in SCORES)
+
+
+def test_hybrid_heads_run_in_training_eval_and_every_ttt_path(hybrid):
+    """The kernel hook saw hybrid layers in the packed training rows (varlen), the dense eval/calibration rows
+    and both of the record's inline LoRA attention paths: TTT scores hybrid layers as hybrid layers."""
+    calls = json.loads((hybrid[0] / "hymba_calls.json").read_text())
+    assert {"forward:flash_attn_varlen_func", "forward:flash_attn_3_func", "_block_with_lora:flash_attn_3_func",
+            "_parallel_block_with_lora:flash_attn_3_func"} <= set(calls), calls
+
+
+def test_hybrid_dynamics_have_one_optimizer_and_ship_as_fp16(hybrid):
+    folder, out = hybrid
+    groups = json.loads((folder / "optimizer_groups.json").read_text())
+    counts = collections.Counter(n for g in groups["optimizers"] for n in g)
+    dynamics = {n for n in groups["params"] if ".hymba." in n}
+    assert dynamics == {f"blocks.{i}.attn.hymba.{n}" for i in (1, 3) for n in ("dt_weight", "A_log", "dt_bias", "D", "conv_weight")}
+    assert set(counts) == set(groups["params"]) and set(counts.values()) == {1}
+    assert dynamics <= set(groups["optimizers"][2])  # the scalar AdamW: Muon takes only the banks
+    categories = dict(re.findall(r"^  (\S+(?: \(\w+\))?\S*): (.+)$", out, re.M))
+    assert {f"blocks.attn.hymba.{n}" for n in ("dt_weight", "A_log", "dt_bias", "D", "conv_weight")} <= set(categories["passthrough (float16)"].split(", "))

@@ -7,10 +7,9 @@
 Then `HYMBA_LAYERS=0 torchrun --standalone --nproc_per_node=8 train_gpt.py`; without HYMBA_LAYERS every hook
 passes straight through and the patched script trains exactly as the original. What is added (hymba_layer.py's
 host contract):
-  1. hymba_layer.py itself, as a module built from an inlined copy of its source, and
-     `hymba_layer.register_host_classes(CastedLinear, Rotary, apply_rotary_emb)`: right after the last top-level
-     definition these name (those three, and the imports of the attention kernels the script calls), and before
-     the first top-level statement that runs the model;
+  1. hymba_layer.py itself, as a module built from an inlined copy of its source: right after the last top-level
+     import (or stand-in definition) of the attention kernels the hooks name, and before the first top-level
+     statement that runs the model (one naming GPT or main);
   2. every call of an attention kernel inside a function, `KERNEL(q, k, v, ...)`, becomes
      `hymba_layer.hymba_attention(LAYER, KERNEL, q, k, v, ...)` (same arguments, same order). KERNEL is
      F.scaled_dot_product_attention (batch, heads, T, head_dim), flash_attn_3_func / flash_attn_func (FA3,
@@ -27,7 +26,7 @@ every byte that runs, and its `Code size` line is honest. A self-extracting scri
 patched and packed again the same way. Patching is idempotent (a patched script is updated to the current
 hymba_layer.py), reversible (unpatch() gives the original back byte for byte) and atomic. A script the hooks
 cannot be made right for (no known kernel in the attention's forward, a kernel call with no layer in scope, a
-masked, windowed or non-causal call, a needed name defined too late, ...) is refused with one line and left
+masked, windowed or non-causal call, a kernel imported only after the model runs, ...) is refused with one line and left
 byte for byte as it was.
 """
 from __future__ import annotations
@@ -63,7 +62,6 @@ VARLEN = "flash_attn_varlen_func"
 DEFAULT_ONLY = {"attn_mask": None, "window_size": (-1, -1)}  # the SSM heads have no mask and no window
 # a rewritten `KERNEL(`: `HOOK(LAYER, KERNEL, ` (no space before a line break)
 HOOKED = re.compile(rf"{re.escape(HOOK)}\(\w+, ({'|'.join(map(re.escape, KERNELS))}),(?: |(?=\n))")
-HOST_NAMES = {"CastedLinear": "class CastedLinear", "Rotary": "class Rotary", "apply_rotary_emb": "def apply_rotary_emb("}
 INIT_ARGS = ["dim", "num_heads", "num_kv_heads", "rope_base", "qk_gain_init"]  # the attention's constructor, after self
 RUNS_MODEL = {"GPT", "main"}  # a top-level statement naming one of these runs the model: the module must be in before
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -268,12 +266,9 @@ def bound_names(statement: ast.stmt) -> set[str]:
 
 
 def module_position(tree: ast.Module, at: Positions, kernels: set[str]) -> int:
-    """Where the inlined module goes: after the last top-level definition of every name it needs, before the model runs."""
+    """Where the inlined module goes: after the top-level imports of the kernels the hooks name, before the model runs."""
     last = {name: i for i, statement in enumerate(tree.body) for name in bound_names(statement)}
-    for name, what in HOST_NAMES.items():
-        if name not in last:
-            raise PatchError(f"found no top-level `{what}`")
-    needed = [*HOST_NAMES, *sorted({kernel.split(".")[0] for kernel in kernels})]
+    needed = sorted({kernel.split(".")[0] for kernel in kernels})
     for name in needed:
         if name not in last:
             raise PatchError(f"`{name}` (of the attention kernel) is not imported or defined at the top level")
@@ -291,8 +286,7 @@ def inline_block(module_source: str) -> str:
     if "'''" in module_source or module_source.endswith("\\"):
         raise PatchError(f"{MODULE} cannot be inlined as a raw string (it contains ''' or ends in a backslash)")
     return (f"{BEGIN}\nimport sys, types\nhymba_layer = types.ModuleType('hymba_layer')\nsys.modules['hymba_layer'] = hymba_layer\n"
-            f"exec(compile(r'''{module_source}''', 'hymba_layer.py', 'exec'), hymba_layer.__dict__)\n"
-            f"hymba_layer.register_host_classes(CastedLinear, Rotary, apply_rotary_emb)\n{END}\n")
+            f"exec(compile(r'''{module_source}''', 'hymba_layer.py', 'exec'), hymba_layer.__dict__)\n{END}\n")
 
 
 def unpatch(src: str) -> str:
