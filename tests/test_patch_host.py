@@ -85,10 +85,10 @@ def test_patch_routes_every_kernel_call_and_swaps_after_every_model_build(tmp_pa
         assert [ast.dump(a) for a in after.args[2:]] == [ast.dump(a) for a in before.args]
         assert [ast.dump(k) for k in after.keywords] == [ast.dump(k) for k in before.keywords]
     assert re.findall(r"build_and_swap_hymba_layers\((\w+)\)", host) == SWAPS[name]
-    # the module comes after the host classes and kernel imports it names, before the attention class uses it
+    # the module comes after the kernel imports the hooks name, before the attention class
     begin = source.index(patch_host.BEGIN)
-    assert source.index("def apply_rotary_emb(") < begin < source.index("class CausalSelfAttention")
-    assert "hymba_layer.register_host_classes(CastedLinear, Rotary, apply_rotary_emb)" in source
+    assert source.index("import torch.nn.functional as F" if name == "root" else "flash_attn_func as flash_attn_3_func") < begin
+    assert begin < source.index("class CausalSelfAttention")
     compile(py311(source), name, "exec")
     # it shows what it changed: the hooks, and the module as one line
     assert "+<hymba_layer.py: " in proc.stdout and f"build_and_swap_hymba_layers({SWAPS[name][-1]})" in proc.stdout
@@ -135,8 +135,6 @@ def refused(tmp_path, text, *args):
 
 
 @pytest.mark.parametrize("edit,looked_for", [
-    (("def apply_rotary_emb(", "def rotate("), "found no top-level `def apply_rotary_emb(`"),
-    (("class CastedLinear(nn.Linear)", "class Linear8(nn.Linear)"), "found no top-level `class CastedLinear`"),
     (("        rope_base: float,\n        qk_gain_init: float,", "        rope_base: float,\n        gain: float,"),
      "found no `CausalSelfAttention.__init__(self, dim, num_heads"),
     (("self.attn = CausalSelfAttention(", "self.mixer = CausalSelfAttention("), "`.attn = CausalSelfAttention(...)`"),
@@ -196,18 +194,6 @@ from torch import nn
 from flash_attn_interface import flash_attn_varlen_func
 
 
-class CastedLinear(nn.Linear):
-    pass
-
-
-class Rotary(nn.Module):
-    pass
-
-
-def apply_rotary_emb(x, cos, sin):
-    return x
-
-
 def flash_attn_3_func(q, k, v, causal=True):  # a kernel stand-in (as in a CPU copy): not an attention layer's call
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
 
@@ -261,7 +247,12 @@ def test_a_synthetic_host_is_routed_by_layer_and_a_kernel_stand_in_is_left_alone
     assert patch_host.unpatch(patched) == FAKE and patch_host.patch_text(patched, MODULE_SOURCE) == patched
 
 
-APPLY = "def apply_rotary_emb(x, cos, sin):\n    return x\n"
+def test_positions_count_characters_where_a_line_has_non_ascii_text_before_the_call():
+    text = FAKE.replace("        return flash_attn_3_func(q, k, v, causal=True)",
+                        "        note = \"é — ü\"; return flash_attn_3_func(q, k, v, causal=True)")
+    patched = patch_host.patch_text(text, MODULE_SOURCE)
+    assert f'note = "é — ü"; return {HOOK}(self, flash_attn_3_func, q, k, v, causal=True)' in patched
+    assert patch_host.unpatch(patched) == text
 
 
 @pytest.mark.parametrize("edits,looked_for", [
@@ -269,7 +260,7 @@ APPLY = "def apply_rotary_emb(x, cos, sin):\n    return x\n"
      "no attention kernel found in CausalSelfAttention.forward: expected one of F.scaled_dot_product_attention, "
      "torch.nn.functional.scaled_dot_product_attention, flash_attn_3_func, flash_attn_func, flash_attn_varlen_func"),
     ([("        attn = block.attn\n", "")],
-     "line 46, in GPT.block_with_lora: F.scaled_dot_product_attention(...) has no attention layer in scope: expected a method"
+     "line 34, in GPT.block_with_lora: F.scaled_dot_product_attention(...) has no attention layer in scope: expected a method"
      " of CausalSelfAttention, or a local `name = ....attn` before the call"),
     ([("cu_seqlens_k=cu_seqlens,", "cu_seqlens_k=cu_seqlens_k,")],
      "in CausalSelfAttention.forward_packed: flash_attn_varlen_func(...) needs the same cu_seqlens_q= and cu_seqlens_k="
@@ -284,12 +275,12 @@ APPLY = "def apply_rotary_emb(x, cos, sin):\n    return x\n"
     ([("return flash_attn_3_func(q, k, v, causal=True)", "return flash_attn_3_func (q, k, v, causal=True)")],
      "write the call as `flash_attn_3_func(...)`"),
     ([("    model = GPT()\n", "    model = torch.compile(GPT())\n")],
-     "line 51: the model built there is not `name = GPT(...)...` (`model = torch.compile(GPT())`)"),
-    ([(APPLY, ""), ("    main()\n", "    main()\n" + APPLY)],
-     "`apply_rotary_emb` is defined at line 54, after line 52 already runs the model (`if __name__ == \"__main__\":`)"),
+     "line 39: the model built there is not `name = GPT(...)...` (`model = torch.compile(GPT())`)"),
     ([("from flash_attn_interface import flash_attn_varlen_func\n", ""),
       ("    main()\n", "    main()\nfrom flash_attn_interface import flash_attn_varlen_func\n")],
-     "`flash_attn_varlen_func` is defined at line 55, after line 53 already runs the model"),
+     "`flash_attn_varlen_func` is defined at line 43, after line 41 already runs the model (`if __name__ == \"__main__\":`);"
+     " the inlined module needs it before"),
+    ([("import torch.nn.functional as F\n", "")], "`F` (of the attention kernel) is not imported or defined at the top level"),
     ([("def main():\n", "def main():\n    return flash_attn_3_func(q, k, v, causal=True) +\n")], "cannot parse it"),
 ])
 def test_a_call_the_hooks_cannot_route_exactly_is_refused(tmp_path, edits, looked_for):
