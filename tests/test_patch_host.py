@@ -135,8 +135,7 @@ def refused(tmp_path, text, *args):
 
 
 @pytest.mark.parametrize("edit,looked_for", [
-    (("        rope_base: float,\n        qk_gain_init: float,", "        rope_base: float,\n        gain: float,"),
-     "found no `CausalSelfAttention.__init__(self, dim, num_heads"),
+    (("class CausalSelfAttention(nn.Module):", "class SelfAttention(nn.Module):"), "found no top-level `class CausalSelfAttention`"),
     (("self.attn = CausalSelfAttention(", "self.mixer = CausalSelfAttention("), "`.attn = CausalSelfAttention(...)`"),
     (("    base_model = GPT(", "    base_model = make_gpt("), "found no model built as `name = GPT(...)`"),
 ])
