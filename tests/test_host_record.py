@@ -160,7 +160,7 @@ def test_record_trains_on_the_cpu_and_its_loss_falls(original):
     out = original[1]
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 9))
-    assert losses[8] < losses[1] - 1.0  # measured: 8.97 -> 6.4
+    assert losses[8] < losses[1] - 1.0  # measured: 8.98 -> 6.27
     assert re.search(r"^layer_loop:enabled step:4 .* encoder:\[0, 1, 2\] decoder:\[1, 2, 3\]$", out, re.M)
     [(_, bpb)] = grab(r"^8/8 val_loss: {n} val_bpb: {n}$", out)
     assert 0 < bpb < 4
