@@ -24,8 +24,7 @@ RUNS = {1337: (13780, 600038, 2.0606, 1.2172, 2.07269931, 1.22436570, 15_863_489
         2025: (13765, 600051, 2.0617, 1.2179, 2.07398765, 1.22512345, 15_864_777)}
 NVIDIA_SMI = "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |                    0 |"
 # what hymba_layer.build_and_swap_hymba_layers logs for each swapped layer (here layer 4)
-HYMBA_LINE = ("hymba:layer 4 attn_heads:4 kv_heads:4 ssm_heads:4 ssm_head_dim:64 state:16 groups:1 chunk:64 conv:4 gate:1 "
-              "meta_tok:0 kv:own merge:concat rope_dims:0 xsa:0 params:150664")
+HYMBA_LINE = "hymba:layer 4 attn_heads:4 ssm_heads:4 kv_heads:4 head_dim:64 chunk:64 conv:0 window:0 params:268"
 
 
 def int8_log(seed: int, code: int, source: str, *, family: str = "train_gpt", seed_line: bool = True, hybrid: bool = True) -> str:

@@ -141,7 +141,7 @@ def test_out_of_range_setting_names_variable_value_and_what_is_valid(hparams, se
 @pytest.mark.parametrize("settings, fragments", [
     (dict(NUM_HEADS="x"), ["NUM_HEADS='x' is invalid: expected a positive int"]),
     (dict(NUM_KV_HEADS=3, NUM_HEADS=2), ["NUM_KV_HEADS=3 is invalid: it must divide NUM_HEADS=2"]),
-    (dict(HYMBA_SSM_STATE=16), ["HYMBA_SSM_STATE set but HYMBA_LAYERS is empty"]),
+    (dict(HYMBA_CONV=4), ["HYMBA_CONV set but HYMBA_LAYERS is empty"]),
 ], ids=["non_numeric", "kv_heads_not_dividing_heads", "hymba_setting_without_layers"])
 def test_bad_config_prints_one_line_exits_2_and_writes_nothing(tmp_path, cwd, tokenizer, settings, fragments):
     proc = launch(cwd, tiny(make_data(tmp_path, tokenizer[1]), tokenizer, **settings))
@@ -152,10 +152,11 @@ def test_bad_config_prints_one_line_exits_2_and_writes_nothing(tmp_path, cwd, to
 @pytest.mark.parametrize("settings, named", [
     (dict(HYMBA_LAYERS="x"), "HYMBA_LAYERS='x'"),
     (dict(HYMBA_LAYERS="5"), "HYMBA_LAYERS='5'"),  # NUM_LAYERS=2
-    (dict(HYMBA_LAYERS="1", HYMBA_SSM_STATE="-1"), "HYMBA_SSM_STATE='-1'"),
-], ids=["non_numeric", "no_such_block", "bad_state_size"])
+    (dict(HYMBA_LAYERS="1", HYMBA_CONV="-1"), "HYMBA_CONV='-1'"),
+    (dict(HYMBA_LAYERS="1", HYMBA_SSM_HEADS="3"), "HYMBA_SSM_HEADS='3'"),
+], ids=["non_numeric", "no_such_block", "bad_conv_taps", "ssm_heads_not_whole_kv_groups"])
 def test_bad_hymba_setting_prints_one_line_naming_it(tmp_path, cwd, tokenizer, settings, named):
-    proc = launch(cwd, tiny(make_data(tmp_path, tokenizer[1]), tokenizer, **settings))
+    proc = launch(cwd, tiny(make_data(tmp_path, tokenizer[1]), tokenizer, NUM_HEADS=4, NUM_KV_HEADS=2, **settings))
     assert_one_line_error(proc, cwd, named, "is invalid: expected")
 
 
