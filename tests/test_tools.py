@@ -1,7 +1,6 @@
 """The tools outside the counted files: the submission writer and the quality benchmark, on real
 (tiny) train_gpt.py runs, and the speed benchmark's quick setting."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -127,47 +126,98 @@ def within_rounding(shown: float, a: float, b: float, digits: int, time_digits: 
     return abs(shown - a / b) <= 0.5 * 10**-digits + a / b * (half / a + half / b)
 
 
-def test_speed_benchmark_quick_reports_consistent_numbers(monkeypatch, tmp_path):
+def ratio_ok(text: str, a: str, b: str, digits: int = 2, time_digits: int = 2) -> bool:
+    """A printed ratio "1.23x" is a / b of the printed times a and b."""
+    return within_rounding(float(text.removesuffix("x")), float(a), float(b), digits, time_digits)
+
+
+def test_speed_benchmark_quick_reports_consistent_numbers(tmp_path):
     """Timings themselves are not asserted (a shared CPU is noisy), but every number derived from them is
-    checked against the table: each time ratio, speedup and "vs fastest" is the ratio of the printed times;
-    the parameter counts are those of the layers built here from the same config; the scan's error against
-    the fp64 loop is a small positive number. Columns are found by header, so added columns do not matter."""
+    checked against the table: each hybrid / attention ratio, step ratio, speedup and "vs fastest" is the
+    ratio of the printed times; the parameter counts are those of train_gpt's CausalSelfAttention and
+    hymba_layer's HybridHeads built here; the compiled path (dynamo, fullgraph, the eager backend: no C++
+    compiler) runs at one T without a recompile; the scan's error against the fp64 loop is small. Columns
+    are found by header, so added columns do not matter."""
     out = tmp_path / "speed.md"
-    subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, env=clean_env())
-    tables = markdown_tables(out.read_text())
+    subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick", "--compile", "--compile-seqs", "128",
+                    "--backend", "eager", "--out", str(out)], check=True, capture_output=True, env=clean_env())
+    text = out.read_text()
+    tables = markdown_tables(text)
 
     import hymba_layer
     import train_gpt
-    for k in [k for k in os.environ if k.startswith("HYMBA_")]:
-        monkeypatch.delenv(k)
-    hymba_layer.register_host_classes(train_gpt.CastedLinear, train_gpt.Rotary, train_gpt.apply_rotary_emb)
-    cfg = hymba_layer.HymbaConfig.from_env(4, 2, 16)  # --quick: width 64, 4 heads, 2 KV heads
-    params = {"attention": train_gpt.CausalSelfAttention(64, 4, 2, 10000.0, 1.5),
-              "hybrid": hymba_layer.HymbaLayer(64, 4, 2, 10000.0, 1.5, cfg=cfg)}
-    text, rows = section(tables, "One layer")
-    assert {r["layer"]: int(r["params"]) for r in rows} == {n: sum(p.numel() for p in m.parameters()) for n, m in params.items()}
-    ms = {(r["layer"], col.removesuffix(" ms")): float(r[col]) for r in rows for col in r if col.endswith(" ms") and r[col] != "-"}
-    shown = re.findall(r"\*\*([\d.]+)x\*\* (\w+)", text)  # "hybrid / attention time: **1.57x** eager, ..."
-    assert ("attention", "eager") in ms and {mode for _, mode in shown} == {mode for _, mode in ms}
-    assert all(within_rounding(float(r), ms["hybrid", mode], ms["attention", mode], 2) for r, mode in shown)
+    # --quick: width 64, 4 heads / 2 KV heads, 2 SSM heads (one KV group), chunk 16, window 32
+    attn = sum(p.numel() for p in train_gpt.CausalSelfAttention(64, 4, 2, 10000.0, 1.5).parameters())
+    heads = sum(p.numel() for p in hymba_layer.HybridHeads(2, 1, 16, hymba_layer.HymbaConfig(2, (0,), 16, 0, 32)).parameters())
+    assert f"params: attention {attn:,}, hybrid {attn + heads:,}, attention W=32 {attn:,}, hybrid W=32 {attn + heads:,}" in text
+    assert "T=8192 is not among --seqs: not measured" in section(tables, "Goal")[0]
 
-    text, rows = section(tables, "Whole training step")
-    assert len(rows) == 2 and rows[0]["model"] == "baseline" and rows[1]["model"].startswith("HYMBA_LAYERS=")
-    assert int(rows[1]["params"]) != int(rows[0]["params"])  # the hybrid run really swapped a layer
-    ratio = dict((mode, float(r)) for r, mode in re.findall(r"\*\*([\d.]+)x\*\* (\w+)", text))["eager"]
-    assert within_rounding(ratio, float(rows[1]["eager ms"]), float(rows[0]["eager ms"]), 2, time_digits=1)
+    _, rows = section(tables, "One layer against context")
+    assert [(r["T"], r["rows x T"], r["mode"]) for r in rows] == [("64", "4 x 64", "eager"), ("128", "2 x 128", "eager"), ("128", "2 x 128", "compiled")]
+    for r in rows:
+        assert all(float(r[f"{n} ms"]) > 0 for n in ("attention", "hybrid", "attention W=32", "hybrid W=32"))
+        assert ratio_ok(r["hybrid / attention"], r["hybrid ms"], r["attention ms"])
+        assert ratio_ok(r["hybrid W=32 / attention"], r["hybrid W=32 ms"], r["attention ms"])
+        assert ratio_ok(r["hybrid W=32 / attention W=32"], r["hybrid W=32 ms"], r["attention W=32 ms"])
+        assert ratio_ok(r["attention W=32 / attention"], r["attention W=32 ms"], r["attention ms"])
+    _, rows = section(tables, "Memory")
+    assert [(r["T"], r["mode"]) for r in rows] == [("64", "eager"), ("128", "eager")]  # CPU: saved tensors, eager only
+    assert all(float(r[n]) > 0 for r in rows for n in ("attention", "hybrid", "attention W=32", "hybrid W=32"))
+    _, rows = section(tables, "Compile time")
+    assert [r["T"] for r in rows] == ["128"] and all(float(v) > 0 for r in rows for k, v in r.items() if k != "T")
+
+    _, rows = section(tables, "Whole training step by T")
+    assert [(r["T"], r["model"]) for r in rows] == [(T, m) for T in ("32", "64") for m in ("baseline", "hybrid layers all W=32")]
+    for base, hyb in zip(rows[::2], rows[1::2]):
+        assert base["step / baseline"] == "1.00x" and base["rows x T"] == hyb["rows x T"]
+        assert ratio_ok(hyb["step / baseline"], hyb["step ms"], base["step ms"], time_digits=1)
+        assert ratio_ok(hyb["fwd+bwd / baseline"], hyb["fwd+bwd ms"], base["fwd+bwd ms"], time_digits=1)
+    params = dict(re.findall(r"(baseline|hybrid layers all W=32) ([\d,]+)", section(tables, "Whole training step")[0].split("params: ")[-1]))
+    assert int(params["hybrid layers all W=32"].replace(",", "")) > int(params["baseline"].replace(",", ""))  # layers really swapped
+
+    _, rows = section(tables, "Where the hybrid W=32 layer's time goes at T=128")
+    assert {r["mode"] for r in rows} == {"eager", "compiled"} and all(0 < float(r["ms per call"]) for r in rows)
 
     _, rows = section(tables, "Scan, forward")
-    assert [r["T"] for r in rows] == ["64", "256"]
-    assert all(r["shape"] == f"2 x {cfg.ssm_heads} x 16 x {cfg.ssm_state}" for r in rows)
-    assert all(within_rounding(float(r["speedup"][:-1]), float(r["reference ms"]), float(r["ssd_scan ms"]), 1) for r in rows)
+    assert [r["T"] for r in rows] == ["64", "128"] and all(r["shape"] == "1 x 2 x 16 x 16 (1 B groups)" for r in rows)
+    assert all(ratio_ok(r["speedup"], r["reference ms"], r["ssd_scan ms"], digits=1) for r in rows)
     assert all(0 < float(r["max rel err"]) < 1e-5 for r in rows)
 
     _, rows = section(tables, "Scan chunk size")
     assert [r["Q"] for r in rows] == ["16", "64"]
-    fastest = min(float(r["median ms"]) for r in rows)
-    assert all(within_rounding(float(r["vs fastest"][:-1]), float(r["median ms"]), fastest, 2) for r in rows)
+    fastest = min((r["median ms"] for r in rows), key=float)
+    assert all(ratio_ok(r["vs fastest"], r["median ms"], fastest) for r in rows)
+
+
+def test_speed_benchmark_refuses_hymba_env_vars():
+    """Its hybrid settings are options: a HYMBA_* env var would otherwise be silently ignored."""
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick"], capture_output=True, text=True,
+                       env={**clean_env(), "HYMBA_WINDOW": "64"})
+    assert r.returncode == 2 and "HYMBA_WINDOW set: this script takes the hybrid's settings as options" in r.stderr
+
+
+def test_speedkit_layers_see_what_their_names_say():
+    """bench_speed's contenders: "W=8" layers see exactly the last 8 tokens (an earlier token changes nothing
+    at a position 8 or more later, and up to 7 later it does), the full ones every earlier token; the plain
+    windowed layer is the plain layer wherever the window holds every earlier token; hybrid layers differ
+    from plain ones (their last heads are SSM heads)."""
+    import speedkit
+    torch = speedkit.torch
+    layers = speedkit.attention_layers(32, 4, 2, 2, 4, 0, 8)
+    assert list(layers) == ["attention", "hybrid", "attention W=8", "hybrid W=8"]
+    x = torch.randn(2, 21, 32)
+    x2 = x.clone()
+    x2[:, 3] += 1.0  # a change at position 3
+    with torch.no_grad():
+        out = {n: (m(x), m(x2)) for n, m in layers.items()}
+    changed = {n: ((a - b).abs().amax(dim=(0, 2)) > 1e-6).tolist() for n, (a, b) in out.items()}
+    assert changed["attention"] == changed["hybrid"] == [False] * 3 + [True] * 18
+    assert changed["attention W=8"] == [False] * 3 + [True] * 8 + [False] * 10  # positions 3..10 see position 3
+    # the windowed hybrid's SSM heads see all; its attention heads only the window
+    assert changed["hybrid W=8"] == [False] * 3 + [True] * 18
+    a, aw = out["attention"][0], out["attention W=8"][0]
+    torch.testing.assert_close(aw[:, :8], a[:, :8], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(aw[:, 8:], a[:, 8:]) and not torch.allclose(out["hybrid"][0], a)
 
 
 def test_gpu_benchmark_refuses_without_cuda(monkeypatch, tmp_path, capsys):
@@ -179,12 +229,15 @@ def test_gpu_benchmark_refuses_without_cuda(monkeypatch, tmp_path, capsys):
 
 
 def test_gpu_benchmark_whole_path_runs_on_cpu(tmp_path):
-    """The hidden --device cpu --tiny: both GPTs built, compiled (dynamo, with the eager backend: no C++
-    compiler), stepped and timed without a recompile, and the scan's bf16 error measured."""
+    """The hidden --device cpu --tiny: both GPTs built (--seq 32, the hybrid windowed by HYMBA_WINDOW), compiled
+    (dynamo, with the eager backend: no C++ compiler), stepped and timed without a recompile, and the scan's bf16
+    error measured."""
     out = tmp_path / "gpu.md"
     subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--device", "cpu", "--tiny", "--backend", "eager",
-                    "--samples", "2", "--out", str(out)], check=True, capture_output=True, env=clean_env())
+                    "--samples", "2", "--seq", "32", "--out", str(out)], check=True, capture_output=True,
+                   env={**clean_env(), "HYMBA_WINDOW": "16"})
     text = out.read_text()
+    assert "2 micro-batches of 4 x 32 = 256 tokens per step" in text and "window=16" in text  # --seq: same tokens per step
     rows = [[c.strip() for c in l.split("|")[1:-1]] for l in text.split("\n## ")[0].splitlines() if l.startswith("| ") and "---" not in l]
     steps = [dict(zip(rows[0], r)) for r in rows[1:]]
     assert [r["model"] for r in steps] == ["baseline", "HYMBA_LAYERS=0"] and int(steps[1]["params"]) > int(steps[0]["params"])

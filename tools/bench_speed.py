@@ -1,26 +1,33 @@
-"""Speed of the hybrid, side by side in one run, as a markdown table: a HymbaLayer against the host's
-CausalSelfAttention (forward + backward), a whole training step of the GPT with and without a hybrid
-layer (train_gpt.py's model and Muon + Adam), each eager and compiled with inductor, where the hybrid
-layer's time goes (torch.profiler), and ssd_scan against the step-by-step reference and by chunk size.
+"""What the hybrid layer costs against context, side by side in one run, as markdown: one attention layer
+(train_gpt.py's CausalSelfAttention) plain, windowed, with hybrid heads and with windowed hybrid heads,
+forward + backward at equal tokens for each T, eager and compiled with inductor; a whole training step of
+train_gpt.py's GPT (Muon + Adam) plain against models whose swapped layers are windowed hybrids, by T; where
+the windowed hybrid layer's time goes (torch.profiler); ssd_scan against the step-by-step reference and by
+chunk size.
 
-On CUDA it runs as the host trains (bf16 autocast, fp32 master weights); on CPU in fp32. Compiled means
-torch.compile(dynamic=False, fullgraph=True) with inductor, each contender compiled once (its first call
-is the compile time; a recompile while timing is an error). The hybrid layer is configured by the
-HYMBA_* env vars, as in training; the whole step's hybrid has HYMBA_LAYERS (default 0). Timings are
-medians of interleaved samples (A, B, A, B, ...). For the challenge's step on a GPU: tools/bench_gpu.py.
+Equal tokens: every T runs --tokens tokens as tokens / T rows, so a row's time is what a training step of
+that many tokens pays for this layer at that context; the ratios are the hybrid's time over the plain
+layer's at the same T. The hybrid layer is CausalSelfAttention with `.hymba = HybridHeads(...)` attached, as
+build_and_swap_hymba_layers attaches it: the last --ssm-heads heads (whole KV groups) are SSM heads, the
+others attention; with --window W its attention heads see the last W tokens (hymba_layer.local_attention:
+blocks of W queries against their own and the previous block's keys, so they cost about 2W keys per query
+where full causal attention costs about T/2; W=512 by default, a real window at every T from 1k, and a
+quarter of full attention's keys at 8k). "attention W=..." is the plain layer with that same window, every
+head through local_attention: it separates what the window saves from what the SSM heads cost. Settings
+are options, not HYMBA_* env vars (this script refuses those, so a stray one cannot go unseen).
 
-The whole step on a CPU is 9 blocks x 128 by default: torch.optim.Muon orthogonalizes in bf16, which a
-CPU without bf16 instructions emulates (here a 512x512 Muon update takes 2.2 s, a 128x128 one 28 ms),
-so a 512-wide step would take minutes. Even so the optimizer is a large share of a CPU-sized step,
-which is why the table gives it apart. On a shared CPU, quiet the machine or set OMP_NUM_THREADS=1:
-an OpenMP thread that loses its core stalls the others at every barrier (a depthwise conv backward
-measured 10 ms alone took up to 9 s beside other processes).
+On CUDA it runs as the host trains (bf16 autocast, fp32 master weights) and memory is the peak allocated
+by one call; on CPU fp32 and memory is the bytes autograd saves for backward (the activations). Compiled
+means torch.compile(dynamic=False, fullgraph=True) with inductor, each contender compiled once per T (its
+first call, timed apart as the compile time and excluded; a recompile while timing is an error). Timings
+are medians of interleaved samples (A, B, C, D, A, B, ...). On a shared CPU, run it alone: an OpenMP
+thread that loses its core stalls the others at every barrier.
 
-    python tools/bench_speed.py --out bench/speed_cpu.md   # layer: 4 x 1024 tokens, width 512, 8 heads / 4 KV;
-                                                           # step: 9x128; about 10 minutes on 2 cores, mostly compiling
-    python tools/bench_speed.py --step-shape 9x64          # the whole step at bench_quality.py's l9 preset
-    python tools/bench_speed.py --no-compile               # eager only (no inductor compiles: a few minutes)
-    python tools/bench_speed.py --quick                    # small shapes, eager only: a smoke run in seconds
+    python tools/bench_speed.py --out bench/speed_context_cpu.md      # T = 1k..16k at 16,384 tokens, width 512,
+                                                                      # 8 heads / 4 KV, window 512; steps 9x128
+    python tools/bench_speed.py --seqs 1024,8192 --compile-seqs 8192  # fewer T; inductor at 8k only
+    python tools/bench_speed.py --window 1024 --step-layers '4;all'   # another window; two hybrid step models
+    python tools/bench_speed.py --quick                               # small shapes, eager only: a smoke run in seconds
 """
 from __future__ import annotations
 
@@ -29,44 +36,85 @@ import os
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedkit import (STEP_SHAPES, command_line, compile_label, compiled_once, describe_device, first_call_s,  # noqa: E402
-                      hymba_layer, interleaved_medians, scan_error, scan_inputs, step_models, sync, timer, train_gpt, training_step)
+from speedkit import (STEP_SHAPES, at_seq, attention_layers, command_line, compile_label, compiled_once,  # noqa: E402
+                      describe_device, first_call_s, hymba_layer, interleaved_medians, scan_error, scan_inputs, sync,
+                      timer, training_step)
+
+GOAL_SEQ, GOAL = 8192, 0.5  # issue 17: one windowed hybrid layer at most 0.5x a full attention layer at 8k
 
 
-def parse_args() -> argparse.Namespace:
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--seqs", default="1024,2048,4096,8192,16384", help="T values of the layer table")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per layer call at every T (rows = tokens / T)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--step-shape", default="9x128", choices=sorted(STEP_SHAPES),
-                   help="the whole training step's model and batch (default 9x128): "
-                   + "; ".join(f"{k}: {v} ({v.about})" for k, v in STEP_SHAPES.items()))
-    p.add_argument("--samples", type=int, default=15, help="timed samples per layer contender (median reported); a third as many whole steps")
-    p.add_argument("--reps", type=int, default=5, help="layer fwd+bwd calls per sample")
-    p.add_argument("--scan-lengths", default="256,1024,4096", help="T values for the scan comparison")
-    p.add_argument("--chunks", default="16,32,64,128,256", help="chunk sizes Q for the scan fwd+bwd comparison at T=--seq")
+    p.add_argument("--ssm-heads", type=int, help="SSM heads of the hybrid layer (default: half, as HYMBA_SSM_HEADS)")
+    p.add_argument("--chunk", type=int, default=64, help="scan chunk Q (HYMBA_SCAN_CHUNK)")
+    p.add_argument("--conv", type=int, default=0, help="conv taps on the SSM heads (HYMBA_CONV)")
+    p.add_argument("--window", type=int, default=512, help="the window W of the windowed contenders (HYMBA_WINDOW; 0: none)")
+    p.add_argument("--samples", type=int, default=5, help="timed samples per layer contender (median reported)")
+    p.add_argument("--reps", type=int, default=1, help="layer fwd+bwd calls per sample")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed calls per layer contender before its samples, beyond its first call (eager: also the CPU memory count; compiled: the compile)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the layers and the step compiled with inductor (default: on, off with --quick)")
+                   help="also time the layers compiled with inductor (default: on, off with --quick)")
+    p.add_argument("--compile-seqs", help="the T values at which compiled layers are timed (default: all of --seqs)")
+    p.add_argument("--profile-seq", type=int, help=f"T of the profile and the chunk table (default {GOAL_SEQ} if in --seqs, else the largest)")
+    p.add_argument("--step-shape", default="9x128", choices=sorted(STEP_SHAPES),
+                   help="the whole step's model (default 9x128): " + "; ".join(f"{k}: {v.about}" for k, v in STEP_SHAPES.items()))
+    p.add_argument("--step-seqs", default="1024,4096,8192", help="T values of the whole-step table (empty: no step table)")
+    p.add_argument("--step-tokens", type=int, default=8192, help="tokens per training step at every T")
+    p.add_argument("--step-layers", default="all",
+                   help="HYMBA_LAYERS of the hybrid step model, windowed; ';' separates several models (e.g. '4;all'); all = every block")
+    p.add_argument("--step-samples", type=int, default=3, help="timed steps per model and T")
+    p.add_argument("--step-compile", action="store_true", help="time the steps compiled with inductor, not eager")
+    p.add_argument("--scan-lengths", default="1024,4096", help="T values of the scan against its reference (empty: none)")
+    p.add_argument("--chunks", default="16,32,64,128,256", help="chunk sizes Q of the scan fwd+bwd table (empty: none)")
     p.add_argument("--quick", action="store_true", help="small shapes and few samples, eager only (smoke test)")
     p.add_argument("--out", help="also write the tables to this markdown file")
-    args = p.parse_args()
+    p.add_argument("--backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager" traces with dynamo, compiles nothing
+    args = p.parse_args(argv)
+    stray = sorted(k for k, v in os.environ.items() if k.startswith("HYMBA_") and v.strip())
+    if stray:
+        p.error(f"{', '.join(stray)} set: this script takes the hybrid's settings as options (--window, --ssm-heads, --chunk, --conv, --step-layers)")
     if args.quick:
-        args.batch, args.seq, args.dim, args.heads, args.kv_heads, args.step_shape = 2, 128, 64, 4, 2, "tiny"
-        args.samples, args.reps, args.scan_lengths, args.chunks = 3, 1, "64,256", "16,64"
+        args.seqs, args.tokens, args.dim, args.heads, args.kv_heads, args.window = "64,128", 256, 64, 4, 2, 32
+        args.chunk, args.samples, args.step_shape, args.step_seqs, args.step_tokens, args.warmup = 16, 3, "tiny", "32,64", 128, 1
+        args.step_samples, args.scan_lengths, args.chunks = 2, "64,128", "16,64"
     if args.compile is None:
         args.compile = not args.quick
+    args.seqs, args.step_seqs = ints(args.seqs), ints(args.step_seqs)
+    args.compile_seqs = (ints(args.compile_seqs) if args.compile_seqs is not None else args.seqs) if args.compile else []
+    group = args.heads // args.kv_heads
+    if args.ssm_heads is None:
+        args.ssm_heads = group * (args.kv_heads // 2)
+    if args.heads % args.kv_heads or args.ssm_heads % group or not 0 < args.ssm_heads < args.heads:
+        p.error(f"--ssm-heads {args.ssm_heads}: whole groups of {group} heads, leaving attention at least one")
+    bad = [T for T in args.seqs if args.tokens % T] + [T for T in args.step_seqs if args.step_tokens % T]
+    if bad or not set(args.compile_seqs) <= set(args.seqs):
+        p.error(f"every T must divide its tokens (--tokens {args.tokens}, --step-tokens {args.step_tokens}): {bad}; "
+                "--compile-seqs must be among --seqs")
+    if args.profile_seq is None:
+        args.profile_seq = GOAL_SEQ if GOAL_SEQ in args.seqs else max(args.seqs)
+    if args.profile_seq not in args.seqs:
+        p.error("--profile-seq must be among --seqs")
     return args
 
 
-def memory_mib(fn, device: torch.device) -> str:
+def memory_mib(fn, device: torch.device) -> float:
     """CUDA: peak memory allocated by one call above what was there before. CPU (no allocator
     statistics): the bytes of the tensors autograd saves for backward - the activation memory, which
     is what grows with batch x tokens - counted once per storage."""
@@ -76,7 +124,7 @@ def memory_mib(fn, device: torch.device) -> str:
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     storages = {}
 
     def pack(t):
@@ -85,10 +133,10 @@ def memory_mib(fn, device: torch.device) -> str:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return f"{sum(storages.values()) / 2**20:.1f}"
+    return sum(storages.values()) / 2**20
 
 
-def top_ops(fn, device: torch.device, calls: int = 3, top: int = 8) -> list[tuple[str, float, float]]:
+def top_ops(fn, device: torch.device, calls: int = 2, top: int = 8) -> list[tuple[str, float, float]]:
     """The ops with the most self time over `calls` calls of fn: (name, ms per call, share of all self time)."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
@@ -102,13 +150,13 @@ def top_ops(fn, device: torch.device, calls: int = 3, top: int = 8) -> list[tupl
     return [(label(e.key), getattr(e, key) / 1000 / calls, getattr(e, key) / total) for e in events[:top]]
 
 
-def ratios(ms: dict, a: str, b: str) -> str:
-    """a's time over b's, eager and (when measured) compiled."""
-    return ", ".join(f"**{ms[a, mode] / ms[b, mode]:.2f}x** {mode}" for mode in ("eager", "compiled") if (a, mode) in ms)
+def log(line: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:6.0f} s] {line}", file=sys.stderr, flush=True)
 
 
-def main():
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     measure = timer(device)
@@ -117,146 +165,237 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=cuda)
     device_name = describe_device(device)  # on a shared CPU other processes skew timings: this says how much
-    modes = ["eager", "compiled"] if args.compile else ["eager"]
-    backend = lambda mode: "inductor" if mode == "compiled" else None
-    dash = lambda d, k, fmt: format(d[k], fmt) if k in d else "-"
+    compiled = lambda layer: torch.compile(layer, dynamic=False, fullgraph=True, backend=args.backend)
+    fmt = lambda d, k, spec: format(d[k], spec) if k in d else "-"
+    W, head_dim = args.window, args.dim // args.heads
 
-    # one layer, eager and compiled: each compiled contender's first call is its compile
-    hymba_layer.register_host_classes(train_gpt.CastedLinear, train_gpt.Rotary, train_gpt.apply_rotary_emb)
-    head_dim = args.dim // args.heads
-    cfg = hymba_layer.HymbaConfig.from_env(args.heads, args.kv_heads, head_dim)
-    torch.manual_seed(0)
-    layers = {
-        "attention": train_gpt.CausalSelfAttention(args.dim, args.heads, args.kv_heads, 10000.0, 1.5),
-        "hybrid": hymba_layer.HymbaLayer(args.dim, args.heads, args.kv_heads, 10000.0, 1.5, cfg=cfg),
-    }
-    x = torch.randn(args.batch, args.seq, args.dim, device=device, dtype=dtype, requires_grad=True)
-    steps = {}
-    for name, layer in layers.items():
-        layer.to(device)
-        torch.nn.init.normal_(layer.proj.weight, std=0.02)  # not zero, so the backward pass does real work
-        for mode in modes:
-            run = torch.compile(layer, dynamic=False, fullgraph=True, backend=backend(mode)) if backend(mode) else layer
+    # 1. one layer against context: every contender at each T, eager (and compiled), interleaved
+    names = list(attention_layers(args.dim, args.heads, args.kv_heads, args.ssm_heads, args.chunk, args.conv, W))
+    attn, hyb, attn_w, hyb_w = (names + [None, None])[:4]
+    layer_ms, layer_mem, compile_s, profiles, params = {}, {}, {}, {}, {}
+    for T in args.seqs:
+        rows = args.tokens // T
+        layers = {name: layer.to(device) for name, layer in
+                  attention_layers(args.dim, args.heads, args.kv_heads, args.ssm_heads, args.chunk, args.conv, W).items()}
+        params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
+        x = torch.randn(rows, T, args.dim, device=device, dtype=dtype, requires_grad=True)
+        modes = ["eager", "compiled"] if T in args.compile_seqs else ["eager"]
+        steps = {}
+        for name, layer in layers.items():
+            for mode in modes:
+                run = compiled(layer) if mode == "compiled" else layer
 
-            def step(run=run, layer=layer):
-                with autocast():
-                    y = run(x)
-                y.float().square().mean().backward()
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
+                def step(run=run, layer=layer):
+                    with autocast():
+                        y = run(x)
+                    y.float().square().mean().backward()
+                    layer.zero_grad(set_to_none=True)
+                    x.grad = None
 
-            steps[name, mode] = step
-    for name in layers:
-        steps[name, "eager"]()  # fills the Rotary caches (first_call_s)
-    layer_compile_s = {name: first_call_s(steps[name, "compiled"], device) for name in layers if args.compile}
-    with compiled_once():
-        layer_ms = interleaved_medians(steps, args.samples, args.reps, measure)
-        profiles = {mode: top_ops(steps["hybrid", mode], device) for mode in modes}
-    layer_mem = {name: memory_mib(steps[name, "eager"], device) for name in layers}
-    params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
+                steps[name, mode] = step
+        for name in layers:  # the first eager call fills the Rotary caches before any compile (first_call_s); on CPU
+            # it also counts the bytes saved for backward (saved tensors hooks see none inside a compiled graph)
+            if cuda:
+                steps[name, "eager"]()
+            else:
+                layer_mem[name, "eager", T] = memory_mib(steps[name, "eager"], device)
+        for name in layers:
+            if "compiled" in modes:
+                compile_s[name, T] = first_call_s(steps[name, "compiled"], device)
+        log(f"T={T}: {rows} x {T}, first calls done{' (compiled)' if 'compiled' in modes else ''}", t_start)
+        with compiled_once():
+            for (name, mode), ms in interleaved_medians(steps, args.samples, args.reps, measure, warmup=args.warmup).items():
+                layer_ms[name, mode, T] = ms
+            if cuda:  # the peak of a call after the warm ones (the first also allocates workspaces)
+                for name, mode in steps:
+                    layer_mem[name, mode, T] = memory_mib(steps[name, mode], device)
+            if T == args.profile_seq:
+                profiles = {mode: top_ops(steps[hyb_w or hyb, mode], device) for mode in modes}
+        log(f"T={T}: " + ", ".join(f"{n} {m} {layer_ms[n, m, T]:.1f} ms" for n, m in steps), t_start)
+        del steps, layers, x
+        torch._dynamo.reset()  # the next T compiles afresh (dynamic=False): no cache entries pile up
 
-    # whole training steps: baseline and hybrid GPT, eager and compiled
-    shape = STEP_SHAPES[args.step_shape]
-    models = step_models()
-    train_steps = {(name, mode): training_step(shape, settings, device, backend(mode)) for name, settings in models.items() for mode in modes}
-    step_samples = max(3, args.samples // 3)
-    with compiled_once():
-        step_ms = interleaved_medians({k: s.step for k, s in train_steps.items()}, step_samples, 1, measure)
-    step_compile_s = {name: train_steps[name, "compiled"].compile_s for name in models if args.compile}
-    optimizer_ms = {k: statistics.median(s.optimizer_ms) for k, s in train_steps.items()}
-    baseline, hybrid = models
-    # the challenge's 524,288-token step makes the optimizer a small share; a CPU-sized step does not
-    fwd_bwd = ", ".join(f"{(step_ms[hybrid, m] - optimizer_ms[hybrid, m]) / (step_ms[baseline, m] - optimizer_ms[baseline, m]):.2f}x {m}"
-                        for m in modes)
+    def ratio(a, b, mode, T):
+        return layer_ms[a, mode, T] / layer_ms[b, mode, T] if a and b and (a, mode, T) in layer_ms else None
 
-    # the scan alone, forward, at the default layer's SSM shape (fewer batch rows at the longest T);
+    shown = lambda r: "-" if r is None else f"{r:.2f}x"
+    ratio_cols = [(f"{hyb} / {attn}", hyb, attn)] + ([(f"{hyb_w} / {attn}", hyb_w, attn), (f"{hyb_w} / {attn_w}", hyb_w, attn_w),
+                                                     (f"{attn_w} / {attn}", attn_w, attn)] if W else [])
+    layer_modes = ["eager", "compiled"] if args.compile_seqs else ["eager"]
+    layer_rows = [f"| {T} | {args.tokens // T} x {T} | {mode} | " + " | ".join(fmt(layer_ms, (n, mode, T), ".2f") for n in names)
+                  + " | " + " | ".join(shown(ratio(a, b, mode, T)) for _, a, b in ratio_cols) + " |"
+                  for T in args.seqs for mode in layer_modes if (attn, mode, T) in layer_ms]
+    goal_name = hyb_w or hyb
+    goal = [(mode, ratio(goal_name, attn, mode, GOAL_SEQ)) for mode in layer_modes]
+    goal_text = ", ".join(f"**{r:.2f}x** {mode} ({'met' if r <= GOAL else 'not met'})" for mode, r in goal if r is not None)
+    goal_line = (f"{goal_name} / {attn} at T={GOAL_SEQ}: {goal_text}" if goal_text else
+                 f"T={GOAL_SEQ} is not among --seqs: not measured in this run")
+    mem_label = "peak MiB allocated by one call" if cuda else "MiB saved for backward (activations)"
+    mem_rows = [f"| {T} | {mode} | " + " | ".join(fmt(layer_mem, (n, mode, T), ".1f") for n in names) + " |"
+                for T in args.seqs for mode in layer_modes if (attn, mode, T) in layer_mem]
+    compile_rows = [f"| {T} | " + " | ".join(fmt(compile_s, (n, T), ".1f") for n in names) + " |" for T in args.compile_seqs]
+
+    # 2. whole training steps by T: the plain GPT against windowed hybrid GPTs, equal tokens per step
+    shape0 = STEP_SHAPES[args.step_shape]
+    n_layers = shape0.settings["NUM_LAYERS"]
+    hybrid_env = lambda layers: {"HYMBA_LAYERS": ",".join(map(str, range(n_layers))) if layers == "all" else layers,
+                                 "HYMBA_SCAN_CHUNK": str(args.chunk), "HYMBA_CONV": str(args.conv), **({"HYMBA_WINDOW": str(W)} if W else {})}
+    models = {"baseline": {}, **{f"hybrid layers {layers}" + (f" W={W}" if W else ""): hybrid_env(layers.strip())
+                                 for layers in args.step_layers.split(";") if layers.strip()}}
+    baseline = "baseline"
+    step_mode = "compiled" if args.step_compile else "eager"
+    step_ms, step_opt, step_params, step_peak, step_compile = {}, {}, {}, {}, {}
+    for T in args.step_seqs:
+        shape = at_seq(shape0, T, args.step_tokens)
+        train_steps = {name: training_step(shape, settings, device, args.backend if args.step_compile else None)
+                       for name, settings in models.items()}
+        with compiled_once():
+            for name, ms in interleaved_medians({n: s.step for n, s in train_steps.items()}, args.step_samples, 1, measure, warmup=1).items():
+                step_ms[name, T] = ms
+        for name, s in train_steps.items():
+            step_opt[name, T] = statistics.median(s.optimizer_ms)
+            step_params[name] = s.params
+            if s.peak_mib is not None:
+                step_peak[name, T] = s.peak_mib
+            if s.compile_s is not None:
+                step_compile[name, T] = s.compile_s
+        log(f"step T={T}: " + ", ".join(f"{n} {step_ms[n, T]:.0f} ms" for n in models), t_start)
+        del train_steps
+        torch._dynamo.reset()
+    step_rows = []
+    for T in args.step_seqs:
+        for name in models:
+            fb = lambda n: step_ms[n, T] - step_opt[n, T]
+            step_rows.append(f"| {T} | {args.step_tokens // T} x {T} | {name} | {step_ms[name, T]:.1f} | {step_opt[name, T]:.1f} | {fb(name):.1f} "
+                             f"| {step_ms[name, T] / step_ms[baseline, T]:.2f}x | {fb(name) / fb(baseline):.2f}x | {fmt(step_peak, (name, T), '.0f')} "
+                             f"| {fmt(step_compile, (name, T), '.1f')} |")
+    log("steps done", t_start)
+
+    # 3. the scan alone at the layer's SSM shape: forward against the step-by-step loop, fwd+bwd by chunk size;
     # compiled on CUDA (as it trains), eager on CPU (a compile per length and chunk size is minutes there)
-    scan = torch.compile(hymba_layer.ssd_scan, fullgraph=True) if cuda else hymba_layer.ssd_scan
+    scan = torch.compile(hymba_layer.ssd_scan, fullgraph=True, backend=args.backend) if cuda else hymba_layer.ssd_scan
     scan_mode = "compiled" if cuda else "eager"
-    scan_rows = []
+    H, G = args.ssm_heads, args.ssm_heads // (args.heads // args.kv_heads)
+    scan_rows, chunk_rows = [], []
     with torch._dynamo.config.patch(recompile_limit=64):
-        for T in (int(t) for t in args.scan_lengths.split(",")):
-            b = args.batch if T <= 1024 else 1
-            xs, log_a, B, C = inputs = scan_inputs(cfg, head_dim, b, T, device, dtype, seed=T)
+        for T in ints(args.scan_lengths):
+            xs, log_a, B, C = inputs = scan_inputs(H, G, head_dim, 1, T, device, dtype, seed=T)
             with torch.no_grad():
-                fns = {"ssd_scan": lambda: scan(xs, log_a, B, C, cfg.scan_chunk), "reference": lambda: hymba_layer.ssd_scan_reference(xs, log_a, B, C)}
-                ms = interleaved_medians(fns, max(3, args.samples // 5), 1, measure)
+                fns = {"ssd_scan": lambda: scan(xs, log_a, B, C, args.chunk), "reference": lambda: hymba_layer.ssd_scan_reference(xs, log_a, B, C)}
+                ms = interleaved_medians(fns, 3, 1, measure, warmup=1)
                 err = scan_error(fns["ssd_scan"]()[0], inputs)
-            scan_rows.append(f"| {T} | {b} x {cfg.ssm_heads} x {head_dim} x {cfg.ssm_state} | {ms['ssd_scan']:.2f} | {ms['reference']:.2f} "
+            scan_rows.append(f"| {T} | 1 x {H} x {head_dim} x {head_dim} ({G} B groups) | {ms['ssd_scan']:.2f} | {ms['reference']:.2f} "
                              f"| {ms['reference'] / ms['ssd_scan']:.1f}x | {err:.1e} |")
+        T_c = args.profile_seq
+        b_c = args.tokens // T_c
+        chunks = ints(args.chunks)
+        if chunks:
+            leaves = [t.requires_grad_() for t in scan_inputs(H, G, head_dim, b_c, T_c, device, dtype, seed=1)]
 
-        # chunk size Q: the scan is exact for any Q, so Q is a speed choice (fwd+bwd, as in training)
-        T, b = args.seq, args.batch
-        leaves = [t.requires_grad_() for t in scan_inputs(cfg, head_dim, b, T, device, dtype, seed=1)]
+            def scan_step(q):
+                y, _ = scan(*leaves, q)
+                y.float().square().mean().backward()
+                for t in leaves:
+                    t.grad = None
 
-        def scan_step(q):
-            y, _ = scan(*leaves, q)
-            y.float().square().mean().backward()
-            for t in leaves:
-                t.grad = None
+            chunk_ms = interleaved_medians({q: (lambda q=q: scan_step(q)) for q in chunks}, 3, 1, measure, warmup=1)
+            chunk_mem = {q: memory_mib(lambda q=q: scan_step(q), device) for q in chunks} if not cuda else {}
+            best = min(chunk_ms.values())
+            chunk_rows = [f"| {q} | {chunk_ms[q]:.2f} | {chunk_ms[q] / best:.2f}x | {fmt(chunk_mem, q, '.1f')} |" for q in chunks]
+    log("scan done", t_start)
 
-        chunks = [int(q) for q in args.chunks.split(",")]
-        chunk_ms = interleaved_medians({q: (lambda q=q: scan_step(q)) for q in chunks}, max(3, args.samples // 3), args.reps, measure)
-    chunk_mem = {q: memory_mib(lambda q=q: scan_step(q), device) for q in chunks}
-    best = min(chunk_ms.values())
-    chunk_rows = [f"| {q} | {chunk_ms[q]:.2f} | {chunk_ms[q] / best:.2f}x | {chunk_mem[q]} |" for q in chunks]
-
-    mem_label = "peak MiB" if cuda else "saved for backward, MiB"
+    cols = lambda n: "|---" * n + "|"
     lines = [
-        "# HymbaLayer speed",
+        "# Cost of the hybrid layer against context",
         "",
         f"command: `{command_line()}`",
         "",
-        f"device: {device_name}; torch {torch.__version__}; {'bf16 autocast' if cuda else 'fp32'}; "
-        f"compiled: {compile_label('inductor') if args.compile else 'not measured (--no-compile)'}",
-        f"hybrid config: {cfg}",
+        f"device: {device_name}; torch {torch.__version__}; {'bf16 autocast, TF32' if cuda else 'fp32'}; "
+        f"compiled: {compile_label(args.backend) + ' at T in ' + str(args.compile_seqs) if args.compile_seqs else 'not measured (eager only)'}",
+        f"hybrid layer: CausalSelfAttention({args.dim}, {args.heads}, {args.kv_heads}, 10000.0, 1.5) with "
+        f".hymba = HybridHeads({H}, {G}, {head_dim}, HymbaConfig({H}, (0,), {args.chunk}, {args.conv}, window)): "
+        f"{args.heads - H} attention heads + {H} SSM heads; window W={W or 'none'}",
+        f"params: " + ", ".join(f"{n} {params[n]:,}" for n in names),
         "",
-        f"## One layer, forward + backward ({args.batch} x {args.seq} tokens, width {args.dim}, {args.heads} heads, {args.kv_heads} KV heads)",
+        f"## Goal: one windowed hybrid layer at most {GOAL}x a full attention layer at T={GOAL_SEQ}",
         "",
-        f"| layer | params | eager ms | {mem_label} | compiled ms | compile s |",
-        "|---|---|---|---|---|---|",
-        *(f"| {name} | {params[name]} | {layer_ms[name, 'eager']:.2f} | {layer_mem[name]} | {dash(layer_ms, (name, 'compiled'), '.2f')} "
-          f"| {dash(layer_compile_s, name, '.1f')} |" for name in layers),
+        goal_line,
         "",
-        f"hybrid / attention time: {ratios(layer_ms, 'hybrid', 'attention')} (median of {args.samples} interleaved samples, {args.reps} calls each)",
+        f"## One layer against context, forward + backward, {args.tokens:,} tokens per call (rows x T), width {args.dim}, "
+        f"{args.heads} heads / {args.kv_heads} KV",
         "",
-        f"## Whole training step, forward + backward + Muon/Adam step ({shape}: {shape.about})",
+        "| T | rows x T | mode | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(c for c, _, _ in ratio_cols) + " |",
+        cols(3 + len(names) + len(ratio_cols)),
+        *layer_rows,
         "",
-        "| model | params | eager ms | eager optimizer ms | compiled ms | compiled optimizer ms | compile s |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {name} | {train_steps[name, 'eager'].params} | {step_ms[name, 'eager']:.1f} | {optimizer_ms[name, 'eager']:.1f} "
-          f"| {dash(step_ms, (name, 'compiled'), '.1f')} | {dash(optimizer_ms, (name, 'compiled'), '.1f')} | {dash(step_compile_s, name, '.1f')} |"
-          for name in models),
+        f"Median of {args.samples} interleaved samples ({args.reps} call{'s' if args.reps > 1 else ''} each) over all contenders of a T, "
+        f"eager and compiled together, after each contender's first call and {args.warmup} warm-up call(s). attention: full causal attention (SDPA, is_causal); W=: the window "
+        "(hymba_layer.local_attention); hybrid: "
+        f"{args.heads - H} attention + {H} SSM heads.",
         "",
-        f"{hybrid} / baseline step time: {ratios(step_ms, hybrid, baseline)} (median of {step_samples} interleaved steps); "
-        f"forward + backward alone (step less optimizer): {fwd_bwd}",
+        f"## Memory, {mem_label}",
         "",
-        f"## Where the hybrid layer's time goes: top ops by self {'GPU' if cuda else 'CPU'} time (torch.profiler, 3 fwd+bwd calls, shape above)",
+        "| T | mode | " + " | ".join(names) + " |",
+        cols(2 + len(names)),
+        *mem_rows,
+        *(["", "## Compile time, s (first call: tracing and compiling forward and backward; not in the times above)", "",
+           "| T | " + " | ".join(names) + " |", cols(1 + len(names)), *compile_rows] if compile_rows else []),
         "",
-        "| mode | op | ms per call | share |",
-        "|---|---|---|---|",
-        *(f"| {mode} | `{op[:70]}` | {ms:.2f} | {share:.0%} |" for mode in modes for op, ms, share in profiles[mode]),
-        "",
-        f"## Scan, forward, {scan_mode} (batch x heads x P x N; error: max |y - y_ref| / max |y_ref|, the reference in fp64)",
-        "",
-        "| T | shape | ssd_scan ms | reference ms | speedup | max rel err |",
-        "|---|---|---|---|---|---|",
-        *scan_rows,
-        "",
-        f"## Scan chunk size Q, forward + backward, {scan_mode} ({b} x {T} tokens, {cfg.ssm_heads} heads x P {head_dim} x N {cfg.ssm_state})",
-        "",
-        f"| Q | median ms | vs fastest | {mem_label} |",
-        "|---|---|---|---|",
-        *chunk_rows,
-        "",
-        f"load average at the end: {os.getloadavg()[0]:.1f}" if not cuda else "",
     ]
+    if args.step_seqs:
+        lines += [
+            f"## Whole training step by T, forward + backward + Muon/Adam step, {step_mode} ({shape0.settings['NUM_LAYERS']} blocks x "
+            f"{shape0.settings['MODEL_DIM']}, {shape0.settings['NUM_HEADS']} heads / {shape0.settings['NUM_KV_HEADS']} KV, vocab "
+            f"{shape0.settings['VOCAB_SIZE']}; {args.step_tokens:,} tokens per step as one micro-batch)",
+            "",
+            "| T | rows x T | model | step ms | optimizer ms | fwd+bwd ms | step / baseline | fwd+bwd / baseline | peak MiB | compile s |",
+            cols(10),
+            *step_rows,
+            "",
+            f"train_gpt.py's build_model and build_optimizers, random tokens; median of {args.step_samples} interleaved steps; the "
+            "optimizer part is timed inside each step (a sync before and after), fwd+bwd is the step less it. Hybrid models: "
+            + "; ".join(f"{n}: " + " ".join(f"{k}={v}" for k, v in s.items()) for n, s in models.items() if s)
+            + f" (HYMBA_SSM_HEADS: half). params: " + ", ".join(f"{n} {p:,}" for n, p in step_params.items()) + ".",
+            "",
+        ]
+    if profiles:
+        lines += [
+            f"## Where the {goal_name} layer's time goes at T={args.profile_seq}: top ops by self {'GPU' if cuda else 'CPU'} time "
+            f"(torch.profiler, 2 fwd+bwd calls of {args.tokens // args.profile_seq} x {args.profile_seq})",
+            "",
+            "| mode | op | ms per call | share |",
+            cols(4),
+            *(f"| {mode} | `{op[:70]}` | {ms:.2f} | {share:.0%} |" for mode, ops in profiles.items() for op, ms, share in ops),
+            "",
+        ]
+    if scan_rows:
+        lines += [
+            f"## Scan, forward, {scan_mode} (rows x heads x P x N; error: max |y - y_ref| / max |y_ref|, the reference in fp64; chunk {args.chunk})",
+            "",
+            "| T | shape | ssd_scan ms | reference ms | speedup | max rel err |",
+            cols(6),
+            *scan_rows,
+            "",
+        ]
+    if chunk_rows:
+        lines += [
+            f"## Scan chunk size Q, forward + backward, {scan_mode} ({b_c} x {T_c} tokens, {H} heads x P {head_dim} x N {head_dim}, "
+            f"{G} B groups)",
+            "",
+            f"| Q | median ms | vs fastest | {'MiB saved for backward' if not cuda else '-'} |",
+            cols(4),
+            *chunk_rows,
+            "",
+        ]
+    lines.append(f"wall time of this benchmark: {time.perf_counter() - t_start:.0f} s"
+                 + (f"; load average at the end: {os.getloadavg()[0]:.1f}" if not cuda else ""))
     text = "\n".join(lines).rstrip() + "\n"
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""What bench_speed.py and bench_gpu.py measure with: interleaved medians, train_gpt.py's whole training
-step on random tokens (baseline or hybrid, eager or compiled), and ssd_scan's inputs and error."""
+"""What bench_speed.py and bench_gpu.py measure with: interleaved medians, the attention layers compared
+(train_gpt.py's CausalSelfAttention, plain, windowed, with hybrid heads), train_gpt.py's whole training step
+on random tokens (baseline or hybrid, eager or compiled, at any sequence length) and ssd_scan's inputs and
+error."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,10 +44,11 @@ def timer(device: torch.device):
     return measure
 
 
-def interleaved_medians(fns: dict, samples: int, reps: int, measure) -> dict:
+def interleaved_medians(fns: dict, samples: int, reps: int, measure, warmup: int = 2) -> dict:
     """Median ms per call of each fn, sampled A, B, A, B, ... so machine noise hits every one alike."""
     for fn in fns.values():  # warm-up
-        fn(), fn()
+        for _ in range(warmup):
+            fn()
     times = {name: [] for name in fns}
     for _ in range(samples):
         for name, fn in fns.items():
@@ -130,6 +134,14 @@ STEP_SHAPES = {
 }
 
 
+def at_seq(shape: StepShape, seq: int, tokens: int, micro_batches: int = 1) -> StepShape:
+    """`shape`'s model at TRAIN_SEQ_LEN=seq, `tokens` per step as micro_batches of rows x seq: equal tokens per
+    step at every T."""
+    if tokens % (micro_batches * seq):
+        raise ValueError(f"{tokens} tokens per step are not {micro_batches} micro-batch(es) of whole rows of {seq}")
+    return StepShape(dict(shape.settings, TRAIN_SEQ_LEN=seq), micro_batches, tokens // (micro_batches * seq), shape.about)
+
+
 @contextlib.contextmanager
 def environment(settings: dict):
     """os.environ without its HYMBA_* vars and with `settings`, restored afterwards."""
@@ -142,6 +154,46 @@ def environment(settings: dict):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# ----------------------------------------------------------------------------- one attention layer
+
+class WindowOnly(nn.Module):
+    """A stand-in for HybridHeads with no SSM heads: hymba_attention then sends every head of the layer through
+    the hybrid layer's windowed attention (local_attention on SDPA), so the plain attention layer with the same
+    window is timed by the same code path as the hybrid's attention heads."""
+
+    heads = kv_heads = 0
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q: torch.Tensor, *rest) -> torch.Tensor:  # q, k, v, starts[, carry]
+        return q  # (batch, T, 0, head_dim): no SSM heads
+
+
+def attention_layers(dim: int, heads: int, kv_heads: int, ssm_heads: int, chunk: int, conv: int, window: int,
+                     seed: int = 0) -> dict[str, nn.Module]:
+    """The layers compared, by name: train_gpt.py's CausalSelfAttention plain ("attention"), with the hybrid
+    heads of HymbaConfig(ssm_heads, (0,), chunk, conv, 0) ("hybrid"), and with `window` (when not 0) the same two
+    with that window ("attention W=..." through WindowOnly, "hybrid W=..."). Each output projection is random,
+    not zero as the host starts it, so the backward pass does its real work."""
+    group = heads // kv_heads
+    names = ["attention", "hybrid"] + ([f"attention W={window}", f"hybrid W={window}"] if window else [])
+    layers = {}
+    for name in names:
+        torch.manual_seed(seed)
+        layer = train_gpt.CausalSelfAttention(dim, heads, kv_heads, 10000.0, 1.5)
+        nn.init.normal_(layer.proj.weight, std=0.02)
+        w = window if "W=" in name else 0
+        if name.startswith("hybrid"):
+            layer.hymba = hymba_layer.HybridHeads(ssm_heads, ssm_heads // group, dim // heads,
+                                                  hymba_layer.HymbaConfig(ssm_heads, (0,), chunk, conv, w))
+        elif w:
+            layer.hymba = WindowOnly(w)
+        layers[name] = layer
+    return layers
 
 
 def step_models() -> dict[str, dict[str, str]]:
@@ -208,13 +260,16 @@ def training_step(shape: StepShape, hymba: dict, device: torch.device, backend: 
 
 # ----------------------------------------------------------------------------- the scan
 
-def scan_inputs(cfg: hymba_layer.HymbaConfig, head_dim: int, batch: int, T: int, device: torch.device, dtype: torch.dtype,
+def scan_inputs(heads: int, groups: int, head_dim: int, batch: int, T: int, device: torch.device, dtype: torch.dtype,
                 seed: int) -> list[torch.Tensor]:
-    """x, log_a (fp32, in [-1, 0]), B, C for ssd_scan at a hybrid layer's SSM shape."""
+    """x (batch, T, heads, head_dim), log_a (fp32, in [-1, 0]), B (batch, T, groups, head_dim) and C (batch, T, heads,
+    head_dim) for ssd_scan at a hybrid layer's SSM shape: HybridHeads scans v (dt-scaled) with k as B, one per KV
+    group, and q as C, so the state is head_dim x head_dim."""
     g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(batch, T, cfg.ssm_heads, head_dim, device=device, generator=g).to(dtype),
-            -torch.rand(batch, T, cfg.ssm_heads, device=device, generator=g),
-            *(torch.randn(batch, T, cfg.groups, cfg.ssm_state, device=device, generator=g).to(dtype) for _ in range(2))]
+    return [torch.randn(batch, T, heads, head_dim, device=device, generator=g).to(dtype),
+            -torch.rand(batch, T, heads, device=device, generator=g),
+            torch.randn(batch, T, groups, head_dim, device=device, generator=g).to(dtype),
+            torch.randn(batch, T, heads, head_dim, device=device, generator=g).to(dtype)]
 
 
 def scan_error(y: torch.Tensor, inputs: list[torch.Tensor]) -> float:
