@@ -249,20 +249,24 @@ class HybridHeads(nn.Module):
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, **sdpa_kwargs) -> Tensor:
     """Causal attention over the last `window` keys (each query included), SDPA's layout (batch, heads, T,
-    head_dim): blocks of `window` queries against their own and the previous block's keys, so time and memory
-    are O(T window), never T x T."""
+    head_dim): the first `window` queries are plain causal attention; every later block of `window` queries
+    attends to its own and the previous block's keys under one band mask. Time and memory are O(T window),
+    never T x T, and 4-D inputs with one broadcast mask keep SDPA on its fused kernels."""
     b, h, T, d = q.shape
-    W = window
+    W, gqa = window, sdpa_kwargs.get("enable_gqa", False)
+    first = F.scaled_dot_product_attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], is_causal=True, enable_gqa=gqa)
+    if T <= W:
+        return first
     pad = -T % W
     n = (T + pad) // W
     blocks = lambda t: F.pad(t, (0, 0, 0, pad)).view(b, t.size(1), n, W, d).transpose(1, 2)  # (batch, block, heads, W, head_dim)
-    k, v = (torch.cat([F.pad(blocks(t), (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], blocks(t)], dim=3) for t in (k, v))  # previous block, own
+    k, v = (torch.cat([blocks(t)[:, :-1], blocks(t)[:, 1:]], dim=3) for t in (k, v))  # previous block, own: 2W keys
+    flat = lambda t: t.reshape(-1, *t.shape[2:])  # (batch * blocks after the first, heads, rows, head_dim)
     i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)
     rel = j - W - i  # key position minus query position
-    first = torch.arange(n, device=q.device)[:, None, None, None] == 0  # block 0 has no previous block
-    mask = (rel <= 0) & (rel > -W) & ~(first & (j < W))  # (block, 1, W, 2W)
-    y = F.scaled_dot_product_attention(blocks(q), k, v, attn_mask=mask, enable_gqa=sdpa_kwargs.get("enable_gqa", False))
-    return y.transpose(1, 2).reshape(b, h, n * W, d)[:, :, :T]
+    y = F.scaled_dot_product_attention(flat(blocks(q)[:, 1:]), flat(k), flat(v), attn_mask=(rel <= 0) & (rel > -W), enable_gqa=gqa)
+    y = y.view(b, n - 1, h, W, d).transpose(1, 2).reshape(b, h, (n - 1) * W, d)
+    return torch.cat([first, y], dim=2)[:, :, :T]
 
 
 def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
