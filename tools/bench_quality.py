@@ -64,10 +64,11 @@ CONFIGS = {
     "l9_layer0": dict(NUM_LAYERS=9, HYMBA_LAYERS="0"),
     "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
     # long context (books, equal time): the plain model at 256 and 1024 tokens against windowed hybrids at 4-8x
+    # (T=2048 needs 8 x 2048 tokens per step: the preset's 8,192 is not a multiple)
     "ctx_baseline": dict(TRAIN_SEQ_LEN=256),
     "ctx_t1024": dict(TRAIN_SEQ_LEN=1024),
     "ctx_hyall_t1024_w256": dict(TRAIN_SEQ_LEN=1024, HYMBA_LAYERS="0,1,2,3", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
-    "ctx_hyall_t2048_w256": dict(TRAIN_SEQ_LEN=2048, HYMBA_LAYERS="0,1,2,3", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
+    "ctx_hyall_t2048_w256": dict(TRAIN_SEQ_LEN=2048, TRAIN_BATCH_TOKENS=16384, HYMBA_LAYERS="0,1,2,3", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
     "ctx_hy02_t1024_w256": dict(TRAIN_SEQ_LEN=1024, HYMBA_LAYERS="0,2", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
 }
 
