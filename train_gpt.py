@@ -512,7 +512,7 @@ def eval_val_carried(args: Hyperparameters, model: GPT, device: torch.device, va
     if args.distributed:
         dist.all_reduce(sums)
     loss, targets, nbytes = sums.tolist()
-    return loss / targets, loss / targets / math.log(2) * targets / nbytes
+    return loss / targets, loss / math.log(2) / nbytes
 
 
 # ----------------------------------------------------------------------------- export: int8 + zlib/zstd

@@ -23,7 +23,7 @@ def logs(dataset, tmp_path_factory):
     out = {}
     for seed in (1, 2):
         cwd = tmp_path_factory.mktemp(f"seed{seed}")
-        run_train_gpt(cwd, tiny_config(dataset, "run", SEED=seed, ITERATIONS=6, VAL_LOSS_EVERY=3, HYMBA_LAYERS="1"))
+        run_train_gpt(cwd, tiny_config(dataset, "run", SEED=seed, ITERATIONS=6, VAL_LOSS_EVERY=3, NUM_HEADS=4, NUM_KV_HEADS=2, HYMBA_LAYERS="1"))
         out[seed] = cwd / "logs" / "run.txt"
     return out
 
@@ -95,7 +95,7 @@ def test_quality_benchmark_smallest_setting_writes_table_and_plot(dataset, tmp_p
 
 def test_quality_benchmark_pairs_each_config_with_its_reference():
     names = ["baseline", "layer0", "layer0_conv4", "layer1", "l9_baseline", "l9_layer4"]
-    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "layer0", "baseline", "l9_baseline", "l9_baseline"]
+    assert [bench_quality.reference(n, names) for n in names] == ["baseline", "baseline", "layer0", "baseline", "baseline", "l9_baseline"]
     assert bench_quality.reference("layer0_conv4", ["layer0_conv4", "layer1"]) == "layer0_conv4"
 
 

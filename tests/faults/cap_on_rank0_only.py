@@ -20,4 +20,7 @@ def counting_lr_multiplier(args, step, elapsed_ms):
 
 train_gpt.lr_multiplier = counting_lr_multiplier
 train_gpt.main()
-print(f"rank:{os.environ['RANK']} steps:{steps}", flush=True)
+# one write per line: with PYTHONUNBUFFERED, print() writes text and newline apart, and two ranks finishing
+# together on one pipe could interleave them ("rank:1 steps:8rank:0 steps:8")
+sys.stdout.write(f"rank:{os.environ['RANK']} steps:{steps}\n")
+sys.stdout.flush()
