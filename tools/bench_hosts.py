@@ -35,7 +35,7 @@ from logparse import parse_log  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = ROOT.parent / "shared" / "hosts"
 TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
-HYBRID = {"HYMBA_LAYERS": "0"}  # the recommended placement (README)
+HYBRID = {"HYMBA_LAYERS": "0"}  # block 0, the placement the previous design measured best (RESULTS.md)
 
 # settings both hosts read with the same meaning; small enough for 2 CPU cores
 SETTINGS = {

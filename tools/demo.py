@@ -7,7 +7,7 @@ Data: FineWeb shards when given (DATA_PATH and TOKENIZER_PATH set, or the challe
 the built-in corpus (Python's own documentation), built once into ./data/builtin with a tokenizer
 trained on it. Model: on CUDA the challenge's default 9x512 model, on CPU the small preset of
 tools/bench_quality.py (a few minutes on 2 cores); either way block 0 is hybrid (HYMBA_LAYERS=0, the
-best single block in the README's measurements).
+best single block in the previous design's measurements, RESULTS.md).
 Any env var you set (ITERATIONS=50, HYMBA_LAYERS=..., ...) overrides the demo's choice. Outputs, as
 with train_gpt.py: logs/<RUN_ID>.txt, final_model.pt, final_model.int8.ptz in the repo root.
 """

@@ -127,7 +127,7 @@ def quality_shape(preset: str, about: str, **overrides) -> StepShape:
 
 STEP_SHAPES = {
     "9x512": StepShape(CHALLENGE, GRAD_ACCUM, 64, "the challenge on one GPU, by gradient accumulation"),
-    "9x128": quality_shape("cpu", "bench_quality.py's l9_* configs on preset cpu: README's '9 blocks x 128' rows", NUM_LAYERS=9),
+    "9x128": quality_shape("cpu", "bench_quality.py's l9_* configs on preset cpu: RESULTS.md's '9 blocks x 128' rows", NUM_LAYERS=9),
     "9x64": quality_shape("l9", "bench_quality.py preset l9"),
     "tiny": StepShape(dict(CHALLENGE, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=64), 2, 2,
                       "a smoke test"),
