@@ -209,6 +209,7 @@ class HybridHeads(nn.Module):
     def __init__(self, heads: int, kv_heads: int, head_dim: int, cfg: HymbaConfig):
         super().__init__()
         self.heads, self.kv_heads, self.chunk, self.window = heads, kv_heads, cfg.scan_chunk, cfg.window
+        self.carry: dict | None = None  # state kept between evaluation windows (carry_state), else None
         self.dt_weight = nn.Parameter(torch.zeros(heads, head_dim))  # zero: dt starts at softplus(dt_bias) everywhere
         # Mamba-2 inits: decay rates A = -exp(A_log) in [-16, -1], dt log-uniform in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
@@ -291,7 +292,7 @@ def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *
     head_axis = 1 if sdpa or packed else 2
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
     q_attn, k_attn, v_attn = q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv)
-    carry = getattr(heads, "carry", None)
+    carry = heads.carry
     starts = carry["starts"] if carry is not None else segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
     if carry is not None:  # scoring with state (carry_state): dense rows only
         y_attn = from_scan(carried_attention(to_scan(q_attn), to_scan(k_attn), to_scan(v_attn), heads.window, carry))
@@ -313,7 +314,7 @@ def carry_state(model: nn.Module, starts: Tensor | None) -> None:
     for block in model.blocks:
         heads = getattr(block.attn, "hymba", None)
         if heads is not None:
-            heads.carry = None if starts is None else {**(getattr(heads, "carry", None) or {}), "starts": starts}
+            heads.carry = None if starts is None else {**(heads.carry or {}), "starts": starts}
 
 
 def carried_attention(q: Tensor, k: Tensor, v: Tensor, window: int, carry: dict) -> Tensor:

@@ -441,10 +441,15 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
 
 # ----------------------------------------------------------------------------- scoring
 
+def target_bytes(x: Tensor, y: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """UTF-8 bytes of each target y after input x: its piece, plus the space a leading "▁" stands for."""
+    base_bytes, has_leading_space, is_boundary = luts
+    return base_bytes[y] + (has_leading_space[y] & ~is_boundary[x])
+
+
 def eval_val(args: Hyperparameters, model: nn.Module, device: torch.device, val_tokens: Tensor,
              luts: tuple[Tensor, Tensor, Tensor]) -> tuple[float, float]:
     """(val_loss in nats/token, val_bpb) over every target once; sums in float64 across ranks."""
-    base_bytes, has_leading_space, is_boundary = luts
     seq_len = args.train_seq_len
     batch_seqs = args.val_batch_size // (args.world_size * args.grad_accum_steps) // seq_len
     total_seqs = (val_tokens.numel() - 1) // seq_len
@@ -459,7 +464,7 @@ def eval_val(args: Hyperparameters, model: nn.Module, device: torch.device, val_
             x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
             sums[0] += model(x, y).double() * y.numel()
             sums[1] += y.numel()
-            sums[2] += (base_bytes[y] + (has_leading_space[y] & ~is_boundary[x])).double().sum()
+            sums[2] += target_bytes(x, y, luts).double().sum()
     model.train()
     if args.distributed:
         dist.all_reduce(sums)
@@ -475,7 +480,6 @@ def eval_val_carried(args: Hyperparameters, model: GPT, device: torch.device, va
     windows of TRAIN_SEQ_LEN tokens in order, so a token is scored with its whole document as SSM context. Every
     target once, causally; eager (positions change every window)."""
     import hymba_layer
-    base_bytes, has_leading_space, is_boundary = luts
     L, n = args.train_seq_len, val_tokens.numel() - 1  # n inputs, each predicting the next token
     rows = max(args.val_batch_size // (args.world_size * args.grad_accum_steps) // L, 1) * args.world_size  # eval_val's batch
     bos = (val_tokens[:n] == bos_id).nonzero().flatten()
@@ -502,8 +506,7 @@ def eval_val_carried(args: Hyperparameters, model: GPT, device: torch.device, va
                 scored = y != -100
                 sums[0] += model(x, y).double() * scored.sum()
                 sums[1] += scored.sum()
-                yv = y.clamp(min=0)
-                sums[2] += ((base_bytes[yv] + (has_leading_space[yv] & ~is_boundary[x])) * scored).double().sum()
+                sums[2] += (target_bytes(x, y.clamp(min=0), luts) * scored).double().sum()
     finally:
         hymba_layer.carry_state(model, None)
         for block in model.blocks:
