@@ -164,6 +164,7 @@ class WindowOnly(nn.Module):
     window is timed by the same code path as the hybrid's attention heads."""
 
     heads = kv_heads = 0
+    carry = None  # never scores with state
 
     def __init__(self, window: int):
         super().__init__()
