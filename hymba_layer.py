@@ -60,7 +60,7 @@ class HymbaConfig:
     ssm_heads: int                # HYMBA_SSM_HEADS: how many of the layer's last heads are SSM heads (whole KV groups)
     layers: tuple[int, ...] = ()  # HYMBA_LAYERS: block indices to make hybrid, "0" or "0,5"
     scan_chunk: int = 64          # HYMBA_SCAN_CHUNK: Q, chunk length of the SSD scan (speed only: exact for any Q)
-    conv: int = 0                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' values x (0 = off)
+    conv: int = 4                 # HYMBA_CONV: taps of a causal depthwise conv on the SSM heads' values x (0 = off)
     window: int = 0               # HYMBA_WINDOW: the attention heads see the last W tokens, the SSM heads all (0 = all)
 
     @classmethod
@@ -87,7 +87,7 @@ class HymbaConfig:
             ("HYMBA_SSM_HEADS", group * (num_kv_heads // 2), lambda v: v in splits,
              f"one of {splits} (whole groups of the {num_heads // num_kv_heads} heads sharing a KV head, leaving attention at least one)", int),
             ("HYMBA_SCAN_CHUNK", 64, lambda v: v > 0, "a positive int", int),
-            ("HYMBA_CONV", 0, lambda v: v >= 0, "a number of taps >= 0 (0 = off)", int),
+            ("HYMBA_CONV", 4, lambda v: v >= 0, "a number of taps >= 0 (0 = off)", int),
             ("HYMBA_WINDOW", 0, lambda v: v >= 0, "a number of tokens >= 0 (0 = full causal attention)", int),
         ]
         layers, ssm_heads, chunk, conv, window = (read(*row) for row in rows)

@@ -146,9 +146,9 @@ def test_speed_benchmark_quick_reports_consistent_numbers(tmp_path):
 
     import hymba_layer
     import train_gpt
-    # --quick: width 64, 4 heads / 2 KV heads, 2 SSM heads (one KV group), chunk 16, window 32
+    # --quick: width 64, 4 heads / 2 KV heads, 2 SSM heads (one KV group), chunk 16, the module's conv taps, window 32
     attn = sum(p.numel() for p in train_gpt.CausalSelfAttention(64, 4, 2, 10000.0, 1.5).parameters())
-    heads = sum(p.numel() for p in hymba_layer.HybridHeads(2, 1, 16, hymba_layer.HymbaConfig(2, (0,), 16, 0, 32)).parameters())
+    heads = sum(p.numel() for p in hymba_layer.HybridHeads(2, 1, 16, hymba_layer.HymbaConfig(2, (0,), 16, hymba_layer.HymbaConfig.conv, 32)).parameters())
     assert f"params: attention {attn:,}, hybrid {attn + heads:,}, attention W=32 {attn:,}, hybrid W=32 {attn + heads:,}" in text
     assert "T=8192 is not among --seqs: not measured" in section(tables, "Goal")[0]
 

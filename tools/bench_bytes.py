@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--script", type=Path, default=RECORD, help=f"a record script of the banked family (default: {RECORD.name})")
     p.add_argument("--layers", nargs="+", default=["5", "3,8"], help="HYMBA_LAYERS settings to measure (default: 5 and 3,8)")
-    p.add_argument("--conv", type=int, default=0, help="HYMBA_CONV for every measurement (default 0)")
+    p.add_argument("--conv", type=int, default=4, help="HYMBA_CONV for every measurement (default 4, as the module)")
     p.add_argument("--compressor", default="brotli", choices=["brotli", "lzma"], help="the record's COMPRESSOR (default brotli)")
     args = p.parse_args(argv)
     if not args.script.is_file():

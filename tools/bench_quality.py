@@ -57,6 +57,7 @@ CONFIGS = {
     "layer3": dict(HYMBA_LAYERS="3"),
     "layers01": dict(HYMBA_LAYERS="0,1"),
     "layers_all": dict(HYMBA_LAYERS="0,1,2,3"),
+    "layer0_conv0": dict(HYMBA_LAYERS="0", HYMBA_CONV="0"),
     "layer0_conv2": dict(HYMBA_LAYERS="0", HYMBA_CONV="2"),
     "layer0_conv4": dict(HYMBA_LAYERS="0", HYMBA_CONV="4"),
     # the challenge's depth (9 blocks, U-Net skips) at the preset's width: block 4 is the middle one

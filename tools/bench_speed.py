@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--ssm-heads", type=int, help="SSM heads of the hybrid layer (default: half, as HYMBA_SSM_HEADS)")
     p.add_argument("--chunk", type=int, default=64, help="scan chunk Q (HYMBA_SCAN_CHUNK)")
-    p.add_argument("--conv", type=int, default=0, help="conv taps on the SSM heads (HYMBA_CONV)")
+    p.add_argument("--conv", type=int, default=hymba_layer.HymbaConfig.conv, help="conv taps on the SSM heads (HYMBA_CONV; default: the module's)")
     p.add_argument("--window", type=int, default=512, help="the window W of the windowed contenders (HYMBA_WINDOW; 0: none)")
     p.add_argument("--samples", type=int, default=5, help="timed samples per layer contender (median reported)")
     p.add_argument("--reps", type=int, default=1, help="layer fwd+bwd calls per sample")
