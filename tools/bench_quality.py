@@ -68,6 +68,7 @@ CONFIGS = {
     # (T=2048 needs 8 x 2048 tokens per step: the preset's 8,192 is not a multiple)
     "ctx_baseline": dict(TRAIN_SEQ_LEN=256),
     "ctx_t1024": dict(TRAIN_SEQ_LEN=1024),
+    "ctx_layer0": dict(TRAIN_SEQ_LEN=256, HYMBA_LAYERS="0"),
     "ctx_hyall_t1024_w256": dict(TRAIN_SEQ_LEN=1024, HYMBA_LAYERS="0,1,2,3", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
     "ctx_hyall_t2048_w256": dict(TRAIN_SEQ_LEN=2048, TRAIN_BATCH_TOKENS=16384, HYMBA_LAYERS="0,1,2,3", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
     "ctx_hy02_t1024_w256": dict(TRAIN_SEQ_LEN=1024, HYMBA_LAYERS="0,2", HYMBA_WINDOW=256, EVAL_CARRY_STATE=1),
