@@ -15,7 +15,6 @@ import sentencepiece as spm
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-sys.path.insert(0, str(REPO))
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 

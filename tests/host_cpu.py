@@ -1,8 +1,8 @@
 """A CPU copy of a challenge host script (the root train_gpt.py, a PR #1493-family one, or the banked-weights
 record of 2026-04-29), for tests and CPU benchmarks of hymba_layer.py inside it.
 
-    python tools/host_cpu.py ../shared/hosts/root_train_gpt.py --host root --out /tmp/root_cpu.py [--patch]
-    python tools/host_cpu.py ../shared/hosts/record_0429_train_gpt.py --host record --out /tmp/record_cpu.py
+    PYTHONPATH=tools python3 tests/host_cpu.py ../shared/hosts/root_train_gpt.py --host root --out /tmp/root_cpu.py [--patch]
+    PYTHONPATH=tools python3 tests/host_cpu.py ../shared/hosts/record_0429_train_gpt.py --host record --out /tmp/record_cpu.py
 
 The copy swaps the CUDA device plumbing for the CPU, bf16 for fp32 (a CPU without bf16 units runs bf16
 matmuls ~30x slower than fp32; the hybrid layer's bf16 numerics are tested on their own) and, in
@@ -26,8 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import patch_host  # noqa: E402
+import patch_host  # tools/ (pytest's pythonpath; PYTHONPATH=tools on the command line)
 
 # after the imports: no-op CUDA calls, and the probe (param names per optimizer -> optimizer_groups.json)
 PRELUDE = '''

@@ -1,8 +1,7 @@
-"""The challenge's real host scripts (../shared/hosts/) as CPU test subjects, through tools/host_cpu.py."""
+"""The challenge's real host scripts (../shared/hosts/) as CPU test subjects, through tests/host_cpu.py."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,12 @@ import pytest
 
 from conftest import REPO, TOKENIZERS, clean_env, real_tokenizer, write_shard
 
-sys.path.insert(0, str(REPO / "tools"))
-import patch_host  # noqa: E402
-from host_cpu import cpu_copy  # noqa: E402
+import patch_host
+from host_cpu import cpu_copy
 
 HOSTS = REPO.parent / "shared" / "hosts"
 MODULE_SOURCE = (REPO / "hymba_layer.py").read_text(encoding="utf-8")
-FILES = {"record": "record_0429_train_gpt.py"}  # host (tools/host_cpu.py --host) -> fixture, where not NAME_train_gpt.py
+FILES = {"record": "record_0429_train_gpt.py"}  # host (host_cpu.py --host) -> fixture, where not NAME_train_gpt.py
 
 
 def host_text(name: str) -> str:

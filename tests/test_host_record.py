@@ -1,6 +1,6 @@
 """Today's record stack (../shared/hosts/record_0429_train_gpt.py: banked weights, packed documents with varlen
 FlashAttention 3, Triton kernels, GPTQ int6 + LQER export, phased LoRA TTT) run end to end on the CPU,
-unpatched, in tools/host_cpu.py's copy: FA3 -> SDPA stand-ins (the varlen one exact per segment), Triton
+unpatched, in tests/host_cpu.py's copy: FA3 -> SDPA stand-ins (the varlen one exact per segment), Triton
 paths off, CUDA -> CPU. One tiny run trains, quantizes and scores it with the host's own code; the stand-ins
 are checked against plain attention on their own. The patched copy (tools/patch_host.py) keeps those swaps
 and runs it without HYMBA_LAYERS (same losses and scores) and with two hybrid layers (trains, GPTQ-exports, scores

@@ -14,8 +14,7 @@ import pytest
 import sentencepiece as spm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import make_dataset as md  # noqa: E402
+import make_dataset as md
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "fineweb_1024_bpe.model"
 SHARED_BOOKS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

@@ -5,15 +5,13 @@ import base64
 import json
 import lzma
 import pathlib
-import sys
 
 import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import make_record  # noqa: E402
-import patch_host  # noqa: E402
+import make_record
+import patch_host
 
 META = ["--author", "Test Author", "--github-id", "tester", "--blurb", "Hybrid heads in layer 4.", "--date", "2026-05-04"]
 SCRIPT = "import torch\n\ndef build():\n    import hymba_layer\n    return hymba_layer\n"

@@ -9,10 +9,9 @@ import pytest
 
 from conftest import REPO, clean_env, grab, run_train_gpt, tiny_config
 
-sys.path.insert(0, str(REPO / "tools"))
-import bench_gpu  # noqa: E402
-import bench_quality  # noqa: E402
-import write_submission  # noqa: E402
+import bench_gpu
+import bench_quality
+import write_submission
 
 META = ["--author", "Test Author", "--github-id", "tester", "--name", "Tiny hybrid", "--blurb", "CPU test run"]
 
