@@ -24,8 +24,6 @@ Host contract - everything this module reads from a host script:
      every challenge host reads it) and INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (root export: kept fp32), where
      they exist, get CONTROL_PATTERNS appended; the host finds them in the module that defines type(model).
 """
-from __future__ import annotations
-
 import math
 import os
 import sys
@@ -64,7 +62,7 @@ class HymbaConfig:
     window: int = 0               # HYMBA_WINDOW: the attention heads see the last W tokens, the SSM heads all (0 = all)
 
     @classmethod
-    def from_env(cls, num_heads: int, num_kv_heads: int, num_layers: int) -> HymbaConfig:
+    def from_env(cls, num_heads: int, num_kv_heads: int, num_layers: int) -> "HymbaConfig":
         """The HYMBA_* env vars checked against the host's shape."""
         env = hymba_env()
 
@@ -83,9 +81,10 @@ class HymbaConfig:
         splits = list(range(group, num_heads, group))  # whole KV groups on both sides
         rows = [  # (env var, default, check, what is valid, parse)
             ("HYMBA_LAYERS", None, lambda v: len(set(v)) == len(v) and all(0 <= i < num_layers for i in v),
-             f"distinct comma-separated block indices in 0..{num_layers - 1}", lambda s: tuple(sorted(int(i) for i in s.split(",")))),
+             f"distinct comma-separated block indices in 0..{num_layers - 1}",
+             lambda s: tuple(sorted(int(i) for i in s.split(",")))),
             ("HYMBA_SSM_HEADS", group * (num_kv_heads // 2), lambda v: v in splits,
-             f"one of {splits} (whole groups of the {num_heads // num_kv_heads} heads sharing a KV head, leaving attention at least one)", int),
+             f"one of {splits} (whole groups of the {group} heads sharing a KV head, attention keeping one)", int),
             ("HYMBA_SCAN_CHUNK", 64, lambda v: v > 0, "a positive int", int),
             ("HYMBA_CONV", 4, lambda v: v >= 0, "a number of taps >= 0 (0 = off)", int),
             ("HYMBA_WINDOW", 0, lambda v: v >= 0, "a number of tokens >= 0 (0 = full causal attention)", int),
@@ -96,7 +95,8 @@ class HymbaConfig:
 
 # ----------------------------------------------------------------------------- the scan
 
-def ssd_scan_reference(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ssd_scan_reference(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor,
+                       initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The recurrence one step at a time (slow; for tests):  S_t = exp(log_a_t) S_{t-1} + x_t B_t^T,  y_t = S_t C_t.
     Same shapes and dtypes as ssd_scan."""
     b, T, H, P = x.shape
@@ -222,10 +222,12 @@ class HybridHeads(nn.Module):
         if cfg.conv:
             self.conv_weight = nn.Parameter(F.pad(torch.ones(kv_heads * head_dim, 1), (0, cfg.conv - 1)))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, carry: dict | None = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, carry: dict | None = None,
+                scale: float | None = None) -> Tensor:
         """q (batch, T, heads, head_dim), k/v (batch, T, kv_heads, head_dim) -> (batch, T, heads, head_dim);
         starts (batch, T) bool where a document starts, or None. With `carry` (scoring window after window) the
-        SSM state and the conv's last inputs come from the previous call and are left there for the next."""
+        SSM state and the conv's last inputs come from the previous call and are left there for the next. `scale`
+        multiplies q (the kernel's softmax scale; default 1 / sqrt(head_dim))."""
         b, t, h, d = q.shape
         carry = {} if carry is None else carry
         if self.conv_weight is not None:
@@ -238,70 +240,105 @@ class HybridHeads(nn.Module):
             v = causal_conv(u, self.conv_weight, starts)[:, n:].view(b, t, -1, d)
             starts = None if starts is None else starts[:, n:]
         v_heads = v.repeat_interleave(h // self.kv_heads, dim=2)  # (batch, T, heads, head_dim)
-        dt = F.softplus((v_heads.to(torch.promote_types(v.dtype, torch.float32)) * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
+        f32 = torch.promote_types(v.dtype, torch.float32)
+        dt = F.softplus((v_heads.to(f32) * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
         log_a = -dt * self.A_log.exp()
         if starts is not None:
             log_a = log_a.masked_fill(starts[..., None], -math.inf)
-        y, carry["S"] = ssd_scan(v_heads * dt[..., None].to(v.dtype), log_a, k, q * d ** -0.5, self.chunk, carry.get("S"))
+        C = q * (d ** -0.5 if scale is None else scale)
+        y, carry["S"] = ssd_scan(v_heads * dt[..., None].to(v.dtype), log_a, k, C, self.chunk, carry.get("S"))
         return F.rms_norm(y + self.D.to(y.dtype)[:, None] * v_heads, (d,))
 
 
 # ----------------------------------------------------------------------------- the kernel hook
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, **sdpa_kwargs) -> Tensor:
+def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None,
+                    enable_gqa: bool = False) -> Tensor:
     """Causal attention over the last `window` keys (each query included), SDPA's layout (batch, heads, T,
     head_dim): the first `window` queries are plain causal attention; every later block of `window` queries
     attends to its own and the previous block's keys under one band mask. Time and memory are O(T window),
     never T x T, and 4-D inputs with one broadcast mask keep SDPA on its fused kernels."""
     b, h, T, d = q.shape
-    W, gqa = window, sdpa_kwargs.get("enable_gqa", False)
-    first = F.scaled_dot_product_attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], is_causal=True, enable_gqa=gqa)
+    W, sdpa = window, lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw, scale=scale, enable_gqa=enable_gqa)
+    first = sdpa(q[:, :, :W], k[:, :, :W], v[:, :, :W], is_causal=True)
     if T <= W:
         return first
     pad = -T % W
     n = (T + pad) // W
-    blocks = lambda t: F.pad(t, (0, 0, 0, pad)).view(b, t.size(1), n, W, d).transpose(1, 2)  # (batch, block, heads, W, head_dim)
+    # (batch, block, heads, W, head_dim)
+    blocks = lambda t: F.pad(t, (0, 0, 0, pad)).view(b, t.size(1), n, W, d).transpose(1, 2)
     k, v = (torch.cat([blocks(t)[:, :-1], blocks(t)[:, 1:]], dim=3) for t in (k, v))  # previous block, own: 2W keys
     flat = lambda t: t.reshape(-1, *t.shape[2:])  # (batch * blocks after the first, heads, rows, head_dim)
     i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)
     rel = j - W - i  # key position minus query position
-    y = F.scaled_dot_product_attention(flat(blocks(q)[:, 1:]), flat(k), flat(v), attn_mask=(rel <= 0) & (rel > -W), enable_gqa=gqa)
+    y = sdpa(flat(blocks(q)[:, 1:]), flat(k), flat(v), attn_mask=(rel <= 0) & (rel > -W))
     y = y.view(b, n - 1, h, W, d).transpose(1, 2).reshape(b, h, (n - 1) * W, d)
     return torch.cat([first, y], dim=2)[:, :, :T]
 
 
-def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+# the kernels' keywords a hybrid layer honours; any other keyword is refused (contract, point 2)
+KERNEL_KWARGS = {"is_causal", "causal", "attn_mask", "dropout_p", "scale", "softmax_scale", "enable_gqa", "window_size",
+                 "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"}
+
+
+def refuse_kernel_call(kernel, args: tuple, kwargs: dict, q_heads: int, kv_heads: int, group: int) -> None:
+    """One ValueError naming every part of a kernel call the hybrid heads cannot honour (group: query heads per KV
+    head in the layer)."""
+    causal = kwargs.get("is_causal", kwargs.get("causal", False))
+    rows = [  # (what the call has, is it unsupported)
+        ("a mask", kwargs.get("attn_mask") is not None),
+        ("is_causal/causal False", not causal),
+        (f"dropout_p={kwargs.get('dropout_p')}", bool(kwargs.get("dropout_p", 0.0))),
+        ("a window", tuple(kwargs.get("window_size", (-1, -1))) != (-1, -1)),
+        ("cu_seqlens_k unlike cu_seqlens_q", kwargs.get("cu_seqlens_k", None) is not kwargs.get("cu_seqlens_q", None)),
+        ("extra positional arguments", bool(args)),
+        (f"k/v of {kv_heads} heads for {q_heads} query heads where the layer shares each KV head among {group} (KV "
+         "heads repeated before the kernel: pass the layer's own KV heads, e.g. SDPA with enable_gqa=True)",
+         kv_heads * group != q_heads),
+        *((f"keyword {name}", True) for name in sorted(set(kwargs) - KERNEL_KWARGS)),
+    ]
+    bad = [what for what, is_bad in rows if is_bad]
+    if bad:
+        raise ValueError(f"hymba_attention: {getattr(kernel, '__name__', kernel)} called with {', '.join(bad)}; hybrid "
+                         "heads support causal attention without mask, dropout or window, one cu_seqlens for q and k, "
+                         f"and only the keywords {', '.join(sorted(KERNEL_KWARGS))}")
+
+
+def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs):
     """The host's kernel call kernel(q, k, v, *args, **kwargs) for attention module `layer` (contract, point 2):
     unchanged where the layer is not hybrid, else attention heads through the kernel and SSM heads through
-    the scan, in the kernel's own layout."""
+    the scan, in the kernel's own layout. A kernel that returns a tuple (FA3's (out, lse)) gets its first item
+    extended by the SSM heads and the rest passed on (the lse covers the attention heads only)."""
     heads = getattr(layer, "hymba", None)
     if heads is None:
         return kernel(q, k, v, *args, **kwargs)
     sdpa = kernel is F.scaled_dot_product_attention
     packed = "cu_seqlens_q" in kwargs
-    refusal = (("a mask", kwargs.get("attn_mask") is not None), ("is_causal/causal False", not kwargs.get("is_causal" if sdpa else "causal", False)),
-               ("a window", tuple(kwargs.get("window_size", (-1, -1))) != (-1, -1)),
-               ("cu_seqlens_k unlike cu_seqlens_q", packed and kwargs.get("cu_seqlens_k") is not kwargs["cu_seqlens_q"]), ("extra positional arguments", bool(args)))
-    bad = [what for what, is_bad in refusal if is_bad]
-    if bad:
-        raise ValueError(f"hymba_attention: {getattr(kernel, '__name__', kernel)} called with {', '.join(bad)}; hybrid heads "
-                         "support causal attention without mask or window, and one cu_seqlens for q and k")
-    # the scan's layout (batch, T, heads, head_dim) from SDPA's (batch, heads, T, head_dim) or varlen's (T, heads, head_dim)
+    # the scan's layout (batch, T, heads, head_dim) from SDPA's (batch, heads, T, head_dim) or varlen's (T, heads, dim)
     to_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[None]) if packed else (lambda t: t)
     from_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[0]) if packed else (lambda t: t)
     head_axis = 1 if sdpa or packed else 2
+    refuse_kernel_call(kernel, args, kwargs, q.size(head_axis), k.size(head_axis), heads.heads // heads.kv_heads)
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
-    q_attn, k_attn, v_attn = q.narrow(head_axis, 0, n_attn), k.narrow(head_axis, 0, n_kv), v.narrow(head_axis, 0, n_kv)
+    q_attn, k_attn, v_attn = (t.narrow(head_axis, 0, n) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv)))
+    scale = kwargs.get("scale", kwargs.get("softmax_scale"))
     carry = heads.carry
-    starts = carry["starts"] if carry is not None else segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
+    starts = segment_starts(kwargs["cu_seqlens_q"], q.size(0)) if packed else None
+    if carry is not None:
+        starts = carry["starts"]
     if carry is not None:  # scoring with state (carry_state): dense rows only
-        y_attn = from_scan(carried_attention(to_scan(q_attn), to_scan(k_attn), to_scan(v_attn), heads.window, carry))
+        y_attn = from_scan(carried_attention(*map(to_scan, (q_attn, k_attn, v_attn)), heads.window, carry, scale))
     elif heads.window and sdpa:
-        y_attn = local_attention(q_attn, k_attn, v_attn, heads.window, **kwargs)
+        y_attn = local_attention(q_attn, k_attn, v_attn, heads.window, scale, kwargs.get("enable_gqa", False))
     else:  # FA3 takes the window itself: (left, right) tokens
-        y_attn = kernel(q_attn, k_attn, v_attn, **(dict(kwargs, window_size=(heads.window - 1, 0)) if heads.window else kwargs))
-    y_ssm = heads(*(to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv))), starts, carry)
-    return torch.cat([y_attn, from_scan(y_ssm).to(y_attn.dtype)], dim=head_axis)
+        window = dict(window_size=(heads.window - 1, 0)) if heads.window else {}
+        y_attn = kernel(q_attn, k_attn, v_attn, **{**kwargs, **window})
+    rest = ()
+    if isinstance(y_attn, tuple):
+        y_attn, *rest = y_attn
+    ssm_qkv = (to_scan(t.narrow(head_axis, n, t.size(head_axis) - n)) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv)))
+    y = torch.cat([y_attn, from_scan(heads(*ssm_qkv, starts, carry, scale)).to(y_attn.dtype)], dim=head_axis)
+    return (y, *rest) if rest else y
 
 
 # ----------------------------------------------------------------------------- scoring window after window
@@ -317,11 +354,11 @@ def carry_state(model: nn.Module, starts: Tensor | None) -> None:
             heads.carry = None if starts is None else {**(heads.carry or {}), "starts": starts}
 
 
-def carried_attention(q: Tensor, k: Tensor, v: Tensor, window: int, carry: dict) -> Tensor:
+def carried_attention(q: Tensor, k: Tensor, v: Tensor, window: int, carry: dict, scale: float | None = None) -> Tensor:
     """Attention heads while scoring with state, (batch, T, heads, head_dim): each query sees the keys of its own
     document within the window, the previous window's last window - 1 keys included. Explicit masks (eval only)."""
     b, T = q.shape[:2]
-    seg = carry.get("seg", q.new_zeros(b, dtype=torch.long))[:, None] + carry["starts"].long().cumsum(1)  # document number
+    seg = carry.get("seg", q.new_zeros(b, dtype=torch.long))[:, None] + carry["starts"].long().cumsum(1)  # document
     k_seg = seg
     if "k" in carry:
         k, v, k_seg = (torch.cat([carry[name], t], 1) for name, t in (("k", k), ("v", v), ("k_seg", seg)))
@@ -329,10 +366,11 @@ def carried_attention(q: Tensor, k: Tensor, v: Tensor, window: int, carry: dict)
     mask = (k_pos <= q_pos) & (seg[:, :, None] == k_seg[:, None, :])
     if window:
         mask &= q_pos - k_pos < window
-        carry["k"], carry["v"], carry["k_seg"] = k[:, k.size(1) - window + 1 :], v[:, v.size(1) - window + 1 :], k_seg[:, k.size(1) - window + 1 :]
+        keep = k.size(1) - window + 1
+        carry["k"], carry["v"], carry["k_seg"] = k[:, keep:], v[:, keep:], k_seg[:, keep:]
     carry["seg"] = seg[:, -1]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
-                                       enable_gqa=k.size(2) != q.size(2))
+                                       scale=scale, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -359,11 +397,12 @@ def host_attention(model: nn.Module, i: int) -> nn.Module:
     if missing:
         raise ValueError(f"hymba_layer: {where} ({type(attn).__name__}) lacks int attribute(s) {', '.join(missing)}")
     if attn.num_heads % attn.num_kv_heads or attn.num_kv_heads < 2:
-        raise ValueError(f"hymba_layer: {where} has {attn.num_heads} heads and {attn.num_kv_heads} KV heads; hybrid heads need "
-                         "num_heads a multiple of num_kv_heads and at least 2 KV heads (attention and SSM heads each take whole KV groups)")
+        raise ValueError(f"hymba_layer: {where} has {attn.num_heads} heads and {attn.num_kv_heads} KV heads; hybrid "
+                         "heads need num_heads a multiple of num_kv_heads and at least 2 KV heads (attention and SSM "
+                         "heads each take whole KV groups)")
     if "hymba_attention" not in type(attn).forward.__code__.co_names:
-        raise ValueError(f"hymba_layer: {type(attn).__name__}.forward does not call hymba_attention(self, kernel, q, k, v, ...); "
-                         "run tools/patch_host.py on the script first")
+        raise ValueError(f"hymba_layer: {type(attn).__name__}.forward does not call hymba_attention(self, kernel, q, "
+                         "k, v, ...); run tools/patch_host.py on the script first")
     return attn
 
 
@@ -374,7 +413,8 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
     env = hymba_env()
     if "HYMBA_LAYERS" not in env:
         if env:
-            raise ValueError(f"{', '.join(sorted(env))} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to make layers hybrid, or unset them")
+            raise ValueError(f"{', '.join(sorted(env))} set but HYMBA_LAYERS is empty: set HYMBA_LAYERS (e.g. 0) to "
+                             "make layers hybrid, or unset them")
         return []
     first = host_attention(model, 0)
     cfg = HymbaConfig.from_env(first.num_heads, first.num_kv_heads, len(model.blocks))
@@ -386,7 +426,9 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
         if getattr(attn, "hymba", None) is None:
             group = attn.num_heads // attn.num_kv_heads
             attn.hymba = HybridHeads(cfg.ssm_heads, cfg.ssm_heads // group, attn.head_dim, cfg).to(device)
-        log(f"hymba:layer {i} attn_heads:{attn.num_heads - cfg.ssm_heads} ssm_heads:{cfg.ssm_heads} kv_heads:{attn.num_kv_heads} "
-            f"head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} window:{cfg.window} params:{sum(p.numel() for p in attn.hymba.parameters())}")
+        params = sum(p.numel() for p in attn.hymba.parameters())
+        log(f"hymba:layer {i} attn_heads:{attn.num_heads - cfg.ssm_heads} ssm_heads:{cfg.ssm_heads} "
+            f"kv_heads:{attn.num_kv_heads} head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} "
+            f"window:{cfg.window} params:{params}")
     extend_host_patterns(vars(sys.modules[type(model).__module__]))
     return list(cfg.layers)

@@ -627,6 +627,8 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 @record
 def main():
     global setup_done
+    if tuple(int(n) for n in torch.__version__.split("+")[0].split(".")[:2]) < (2, 9):
+        raise ImportError(f"torch {torch.__version__} is too old: train_gpt.py needs torch >= 2.9 (torch.optim.Muon)")
     args = Hyperparameters()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", args.local_rank) if use_cuda else torch.device("cpu")

@@ -1,11 +1,14 @@
 """Muon (torch.optim.Muon) and the Muon/Adam parameter split (golf_conventions 3.3-3.4)."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import train_gpt
+from conftest import REPO
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the host's quintic Newton-Schulz (a, b, c)
 CPU = torch.device("cpu")
@@ -142,3 +145,14 @@ def test_two_training_steps_change_every_parameter_and_lower_the_loss(hparams):
     assert unchanged == []  # zero-init projections move first; the rest once they carry gradient
     assert losses[0] == pytest.approx(math.log(64), abs=0.01)
     assert losses[2] < losses[0] - 0.1
+
+
+def test_a_torch_without_muon_is_refused_at_start_in_one_line(tmp_path):
+    """torch.optim.Muon arrived in torch 2.9: an older torch stops the run before anything is read or written, with one
+    line naming the version found and what needs the newer one (exit 2), not a traceback at the first optimizer step."""
+    code = (f"import runpy, torch; torch.__version__ = '2.8.0+cu128'; "
+            f"runpy.run_path({str(REPO / 'train_gpt.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "train_gpt.py: error: torch 2.8.0+cu128 is too old: train_gpt.py needs torch >= 2.9 (torch.optim.Muon)"]
+    assert not any(tmp_path.iterdir())  # no logs/ written
