@@ -1,17 +1,27 @@
-"""tools/make_record.py on synthetic logs of the three families it reads (this project's train_gpt.py,
-the challenge's root script, PR #1493's record script), written line by line from their log templates
-(golf_conventions 3.8, 4.3, 5.4): the folder it builds, the numbers in it, and each refusal."""
+"""tools/make_record.py on synthetic logs of three families it reads (this project's train_gpt.py, the
+challenge's root script, PR #1493's record script), written line by line from their log templates
+(golf_conventions 3.8, 4.3, 5.4), and on the logs that the CPU copy of the patched late-April record
+writes (three seeds): the folder it builds, the numbers in it, the records' submission.json schema, and
+each refusal."""
 import base64
 import json
 import lzma
 import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import uuid
 
 import pytest
+import torch
 
 from conftest import REPO
 
 import make_record
 import patch_host
+from hosts import host_env, write_script
+from test_host_record import TINY, data_dir  # noqa: F401 (the record's tiny shape; data_dir: its sp8192 data, a fixture)
 
 META = ["--author", "Test Author", "--github-id", "tester", "--blurb", "Hybrid heads in layer 4.", "--date", "2026-05-04"]
 SCRIPT = "import torch\n\ndef build():\n    import hymba_layer\n    return hymba_layer\n"
@@ -319,3 +329,133 @@ def test_help_shows_the_example():
     with pytest.raises(SystemExit) as exit_:
         make_record.main(["--help"])
     assert exit_.value.code == 0
+
+
+# ----------------------------------------------------------------------------- logs of the patched late-April record
+
+# submission.json as the records write it (golf_conventions 6.2): the core set, the recommended fields, and the
+# multi-seed (R1493) style's seeds, per-seed results, hardware and compliance flags
+SCHEMA = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "track": str, "val_loss": float, "val_bpb": float,
+          "val_bpb_std": float, "pre_quant_val_loss": float, "pre_quant_val_bpb": float, "bytes_total": int, "bytes_code": int,
+          "step_stop": int, "wallclock_seconds": float, "eval_time_seconds": float, "hardware": str, "pytorch_version": str,
+          "seeds": list, "seed_results": dict, "compliance": dict}
+COMPLIANCE = {"train_under_600s", "artifact_under_16mb", "eval_under_600s", "three_seeds"}
+RECORD_SEEDS = (1337, 42, 2025)
+
+
+@pytest.fixture(scope="module")
+def record_logs(tmp_path_factory, data_dir):  # noqa: F811
+    """Three seeds of the patched record's CPU copy (tests/hosts.py), block 1 hybrid, 4 steps each (~20 s a run):
+    the log files it writes (logs/<RUN_ID>.txt), with GPTQ export and phased TTT scores."""
+    data = data_dir
+    folder = tmp_path_factory.mktemp("record_runs")
+    script = write_script(folder / "train_gpt.py", "record", patched=True)
+    logs = []
+    for seed in RECORD_SEEDS:
+        run_id = f"mr_{seed}_{uuid.uuid4().hex[:8]}"  # TTT keeps its counters in /tmp/ttt_*_{RUN_ID}
+        try:
+            proc = subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=300,
+                                  env=host_env(**{**TINY, "ITERATIONS": 4, "SEED": seed}, RUN_ID=run_id, DATA_DIR=f"{data}/", HYMBA_LAYERS="1"))
+        finally:
+            for name in ("counter", "prefix_counter", "pause_flag"):
+                pathlib.Path(f"/tmp/ttt_{name}_{run_id}").unlink(missing_ok=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append(folder / "logs" / f"{run_id}.txt")
+    return script, logs
+
+
+def logged(pattern: str, log: pathlib.Path) -> str:
+    """The first match of `pattern` on a line after the log's source block (what the test reads on its own)."""
+    text = log.read_text(encoding="utf-8").split("Running PyTorch", 1)[1]
+    return re.search(pattern, text, re.M).group(1)
+
+
+@pytest.fixture
+def record_work(record_logs, tmp_path, monkeypatch):
+    """The record runs' script and logs copied into a fresh folder (a test may edit its copies)."""
+    monkeypatch.chdir(tmp_path)
+    script, logs = record_logs
+    shutil.copy(script, tmp_path / "train_gpt.py")
+    (tmp_path / "logs").mkdir()
+    for seed, log in zip(RECORD_SEEDS, logs):
+        shutil.copy(log, tmp_path / "logs" / f"s{seed}.txt")
+    return [f"logs/s{seed}.txt" for seed in RECORD_SEEDS]
+
+
+RECORD_ARGS = ["--script", "train_gpt.py", "--track", "10min_16mb", "--name", "HymbaRecord", "--gpu", "cpu"]
+RECORD_FOLDER = pathlib.Path("records/track_10min_16mb/2026-05-04_HymbaRecord")
+
+
+def test_record_logs_make_a_folder_in_the_records_schema(record_work):
+    assert make(*record_work, *RECORD_ARGS) == 0
+    assert sorted(p.name for p in RECORD_FOLDER.iterdir()) == ["README.md", "submission.json", "train.log", "train_gpt.py",
+                                                               "train_seed1337.log", "train_seed2025.log", "train_seed42.log"]
+    script = pathlib.Path("train_gpt.py").read_text(encoding="utf-8")
+    assert (RECORD_FOLDER / "train_gpt.py").read_text(encoding="utf-8") == script and patch_host.BEGIN in script  # module inlined
+    sub = json.loads((RECORD_FOLDER / "submission.json").read_text())
+    assert {k: type(v) for k, v in sub.items() if k in SCHEMA} == SCHEMA, set(SCHEMA) - set(sub)
+    assert set(sub["compliance"]) == COMPLIANCE and all(sub["compliance"].values())  # seconds of CPU, a 1.3 MB artifact
+    assert sub["seeds"] == list(RECORD_SEEDS) and set(sub["seed_results"]) == {str(s) for s in RECORD_SEEDS}
+    assert all(set(r) == {"val_loss", "val_bpb", "artifact_bytes", "step_stop"} for r in sub["seed_results"].values())
+    logs = [pathlib.Path(p) for p in record_work]
+    ttt = [float(logged(r"^quantized_ttt_phased val_loss:\S+ val_bpb:(\S+) eval_time", log)) for log in logs]
+    pre = [float(logged(r"^diagnostic pre-quantization post-ema val_loss:\S+ val_bpb:(\S+) ", log)) for log in logs]
+    assert sub["val_bpb"] == round(sum(ttt) / 3, 8) and sub["pre_quant_val_bpb"] == round(sum(pre) / 3, 8)  # the phased TTT score
+    assert [sub["seed_results"][str(s)]["val_bpb"] for s in RECORD_SEEDS] == ttt
+    compressed = int(logged(r"^Code size \(compressed\): (\d+) bytes", logs[0]))
+    assert sub["bytes_code"] == compressed < len(script.encode()) == int(logged(r"^Code size \(uncompressed\): (\d+) bytes", logs[0]))
+    assert sub["bytes_total"] == max(int(logged(r"^Total submission size quantized\+lzma: (\d+) bytes", log)) for log in logs)
+    assert sub["bytes_model_quantized_lzma"] == sub["bytes_total"] - compressed and sub["step_stop"] == 4
+    assert sub["hardware"] == "cpu" and sub["pytorch_version"] == torch.__version__
+    readme = (RECORD_FOLDER / "README.md").read_text()
+    assert "the `quantized_ttt_phased` line" in readme and "the `diagnostic pre-quantization post-ema` score" in readme
+    assert "| seed | `diagnostic pre-quantization post-ema` | `diagnostic quantized` | `quantized_ttt_phased` |" in readme
+    assert f"| 42 | {pre[1]:.8f} | " in readme and f" | {ttt[1]:.8f} |\n" in readme
+    assert "recomputed as the record computes it (pyminify, then lzma and base85)" in readme or "was not recomputed" in readme
+    # the record's log file does not carry the module's console lines, so the README cannot say the runs were plain
+    assert "In this family that does not show that the runs were plain" in readme
+
+
+def test_record_logs_are_read_with_the_source_block_skipped(record_logs):
+    """The record logs its whole source (the inlined module's docstrings included) between two separators:
+    nothing in it is read as a log line."""
+    run = make_record.read_runs([str(p) for p in record_logs[1]], gpu="cpu")[0]
+    assert run["family"] == "record" and run["score_label"] == "quantized_ttt_phased" and run["seed"] == 1337
+    assert [label for label, *_ in run["scores"]] == ["diagnostic pre-quantization post-ema", "diagnostic quantized", "quantized_ttt_phased"]
+    assert run["code_bytes_uncompressed"] == len(record_logs[0].read_bytes())
+
+
+def test_unfinished_record_log_is_refused(record_work, capsys):
+    log = pathlib.Path(record_work[1])
+    log.write_text(log.read_text(encoding="utf-8").split("quantized_ttt_phased val_loss")[0], encoding="utf-8")
+    assert make(*record_work, *RECORD_ARGS) == 2
+    refused(capsys, "logs/s42.txt: the log has no 'quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms' line")
+
+
+def test_repeated_record_seed_is_refused(record_work, capsys):
+    assert make(*record_work, record_work[0], *RECORD_ARGS) == 2
+    refused(capsys, "logs repeat a seed: logs/s1337.txt and logs/s1337.txt are both seed 1337")
+
+
+def test_record_script_that_is_not_the_one_that_ran_is_refused(record_work, capsys):
+    script = pathlib.Path("train_gpt.py")
+    script.write_text(script.read_text(encoding="utf-8") + "# edited after the runs\n", encoding="utf-8")
+    assert make(*record_work, *RECORD_ARGS) == 2
+    refused(capsys, "logs/s1337.txt: logs 'Code size (uncompressed): ")
+
+
+@pytest.mark.skipif(not shutil.which("pyminify"), reason="pyminify (python-minifier) not installed: the compressed size is not recomputed")
+def test_record_compressed_code_size_that_is_not_the_scripts_is_refused(record_work, capsys):
+    log = pathlib.Path(record_work[2])
+    text = log.read_text(encoding="utf-8")
+    logged_size = int(re.search(r"^Code size \(compressed\): (\d+) bytes$", text, re.M).group(1))
+    log.write_text(text.replace(f"Code size (compressed): {logged_size} bytes", f"Code size (compressed): {logged_size - 1} bytes"),
+                   encoding="utf-8")
+    assert make(*record_work, *RECORD_ARGS) == 2
+    refused(capsys, f"logs/s2025.txt: logs 'Code size (compressed): {logged_size - 1} bytes' but train_gpt.py wrapped as the record "
+                    f"wraps it (pyminify, lzma, base85) is {logged_size} bytes here")
+
+
+def test_record_log_without_a_gpu_is_refused(record_work, capsys):
+    assert make(*record_work, *RECORD_ARGS[:-2]) == 2
+    refused(capsys, "logs/s1337.txt: the log names no GPU (record log); say which with --gpu")

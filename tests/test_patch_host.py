@@ -162,7 +162,7 @@ def test_a_failed_write_leaves_the_original(tmp_path, monkeypatch):
 
     def fail(*args):
         raise OSError("disk full")
-    monkeypatch.setattr(patch_host.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         patch_host.main([str(path)])
     assert path.read_text(encoding="utf-8") == host_text("root") and os.listdir(tmp_path) == ["train_gpt.py"]

@@ -138,7 +138,7 @@ def test_speed_benchmark_quick_reports_consistent_numbers(tmp_path):
     compiler) runs at one T without a recompile; the scan's error against the fp64 loop is small. Columns
     are found by header, so added columns do not matter."""
     out = tmp_path / "speed.md"
-    subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick", "--compile", "--compile-seqs", "128",
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_speed.py"), "--quick", "--compile", "--compile-seqs", "128",
                     "--backend", "eager", "--out", str(out)], check=True, capture_output=True, env=clean_env())
     text = out.read_text()
     tables = markdown_tables(text)
@@ -190,19 +190,19 @@ def test_speed_benchmark_quick_reports_consistent_numbers(tmp_path):
 
 def test_speed_benchmark_refuses_hymba_env_vars():
     """Its hybrid settings are options: a HYMBA_* env var would otherwise be silently ignored."""
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--quick"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_speed.py"), "--quick"], capture_output=True, text=True,
                        env={**clean_env(), "HYMBA_WINDOW": "64"})
     assert r.returncode == 2 and "HYMBA_WINDOW set: this script takes the hybrid's settings as options" in r.stderr
 
 
-def test_speedkit_layers_see_what_their_names_say():
+def test_bench_speed_layers_see_what_their_names_say():
     """bench_speed's contenders: "W=8" layers see exactly the last 8 tokens (an earlier token changes nothing
     at a position 8 or more later, and up to 7 later it does), the full ones every earlier token; the plain
     windowed layer is the plain layer wherever the window holds every earlier token; hybrid layers differ
     from plain ones (their last heads are SSM heads)."""
-    import speedkit
-    torch = speedkit.torch
-    layers = speedkit.attention_layers(32, 4, 2, 2, 4, 0, 8)
+    import bench_speed
+    torch = bench_speed.torch
+    layers = bench_speed.attention_layers(32, 4, 2, 2, 4, 0, 8)
     assert list(layers) == ["attention", "hybrid", "attention W=8", "hybrid W=8"]
     x = torch.randn(2, 21, 32)
     x2 = x.clone()

@@ -1,125 +1,253 @@
-"""The challenge's training step on one GPU, the baseline against one hybrid layer: bench/gpu/<device>.md.
+"""One command for the first GPU minutes: your (patched) script's own compiled training step, plain and hybrid.
 
-Both GPTs as train_gpt.py trains them on CUDA, built by its build_model and build_optimizers (see
-tools/speedkit.py): bf16 autocast, fp32 master weights, Muon + Adam, the model compiled with
-torch.compile(dynamic=False, fullgraph=True) and inductor. The challenge's shape: 9 blocks x 512, vocab
-1024, seq 1024, 524,288 tokens per step as 8 micro-batches of 64 x 1024 (the host's gradient
-accumulation on one GPU), on random tokens (no dataset needed). Reported: each model's compile time,
-median step time over interleaved steps, tokens per second and peak memory, the step-time ratio, and
-ssd_scan's bf16 error on the GPU against the fp64 step-by-step reference. About 5 minutes, most of it
-compiling. The hybrid layer is configured by the HYMBA_* env vars (HYMBA_LAYERS default 0). --seq T trains
-at context T with the same tokens per step (524,288 / (8 T) rows per micro-batch); tools/bench_speed.py on
-the GPU gives the one-layer table against context (plain, windowed, hybrid, windowed hybrid).
+    python tools/bench_gpu.py path/to/train_gpt.py --layers 0                 # one GPU: python train_gpt.py
+    python tools/bench_gpu.py path/to/train_gpt.py --layers 0,5 --nproc 8 --out bench/gpu/record_8xh100.md
 
-    python tools/bench_gpu.py                              # writes bench/gpu/<device name>.md
-    HYMBA_LAYERS=4 python tools/bench_gpu.py --out bench/gpu/h100_layer4.md
-    HYMBA_LAYERS=1,2,3,5,6,7 HYMBA_WINDOW=512 python tools/bench_gpu.py --seq 8192 --out bench/gpu/h100_T8192_w512.md
+Runs the script as you would (python, or torchrun with --nproc > 1), from the current folder (the one
+its ./data is in): first with no HYMBA_* variable (the plain model), then with HYMBA_LAYERS=--layers
+(default: $HYMBA_LAYERS, else 0) and the other HYMBA_* variables of your environment; --rounds N
+alternates the two N times. Each run gets ITERATIONS=--iterations, VAL_LOSS_EVERY=0 (no validation
+before the last step), TRAIN_LOG_EVERY=1, MAX_WALLCLOCK_SECONDS=0 (no cap: every step runs) and its
+own RUN_ID (its log: logs/<RUN_ID>.txt); everything else is the script's own or yours from the
+environment, its warm-up steps included (the hosts compile their model there, before the clock).
+The tool reads the script's own console lines:
+
+    step:N/M train_loss:X train_time:Tms step_avg:...      this project's train_gpt.py, the challenge's root script
+    N/M train_loss: X train_time: Ym tok/s: R              PR #1493's family and the late-April record
+    peak memory allocated: P MiB reserved: ...             after the last step (CUDA)
+
+and stops the run (its whole process group) once training is over, at the first line of what follows
+it (`peak memory allocated`, `ema:applying EMA weights` or `Serialized model`), before the export and
+evaluation; no child is left running, whatever happens. Step time: the median over steps
+--skip+1..N of each step's time, from the logged cumulative training time (in the tok/s families:
+step x tokens per step / tok/s, with the tokens per step from the script's `train_batch_tokens`).
+Printed: a markdown table (step ms, tokens/s, peak MiB per run), and the hybrid / plain ratios.
+
+Refused in one line (exit 2): no CUDA (unless --device cpu), a script that is not there, a bad option,
+a hybrid run that logs no `hymba:layer` line (the script is not patched: tools/patch_host.py) or a
+plain run that does, a run that ends or stalls before its last step. --device cpu runs a CPU-runnable
+script (this project's train_gpt.py, or a CPU copy of a host, tests/host_cpu.py) with no GPU visible
+and, unless set, TORCHDYNAMO_DISABLE=1 (what those copies need); that is what the tests run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
+import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import time
+import uuid
+from collections import deque
 from pathlib import Path
 
-import torch
+ROOT_STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:\S+ train_time:(\d+)ms")
+TOKS_STEP = re.compile(r"^(\d+)/(\d+) train_loss: \S+ train_time: [\d.]+m tok/s: (\d+)")
+BATCH_TOKENS = re.compile(r"^(?:  )?train_batch_tokens: ?(\d+)")
+PEAK = re.compile(r"^peak memory allocated: (\d+) MiB")
+TRAINING_OVER = re.compile(r"^(?:peak memory allocated:|ema:applying EMA weights|Serialized model)")
+HYMBA_LINE = re.compile(r"^hymba:layer \d+ ")
+LAYERS = re.compile(r"^\d+(?:,\d+)*$")
+RUN_SETTINGS = {"VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1", "MAX_WALLCLOCK_SECONDS": "0"}
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedkit import (ROOT, STEP_SHAPES, at_seq, command_line, compile_label, compiled_once, describe_device, environment,  # noqa: E402
-                      hymba_layer, interleaved_medians, scan_error, scan_inputs, step_models, timer, training_step)
 
-NAIVE_BASELINE_MS = 43.54  # the challenge's naive baseline, 8xH100, 65,536 tokens per GPU per step (golf_conventions 7.1)
+class BenchError(Exception):
+    """A refusal: one line for the user."""
+
+
+def run_once(cmd: list[str], env: dict[str, str], iterations: int, timeout: float) -> dict:
+    """Run the script until its training is over, then stop it; its step times, tokens per step and peak."""
+    cumulative: dict[int, float] = {}  # step -> training ms so far
+    found = {"hymba": 0, "tokens": None, "peak": None, "toks": {}}
+    tail: deque[str] = deque(maxlen=12)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: torchrun's workers go with it
+    deadline = time.monotonic() + timeout
+    try:
+        for line in read_lines(proc, deadline):
+            tail.append(line)
+            if m := ROOT_STEP.match(line):
+                cumulative[int(m[1])] = float(m[3])
+            elif m := TOKS_STEP.match(line):
+                found["toks"][int(m[1])] = int(m[3])
+            elif m := BATCH_TOKENS.match(line):
+                found["tokens"] = int(m[1])
+            elif HYMBA_LINE.match(line):
+                found["hymba"] += 1
+            if TRAINING_OVER.match(line):
+                if m := PEAK.match(line):
+                    found["peak"] = int(m[1])
+                break
+        else:
+            if time.monotonic() >= deadline:
+                raise BenchError(f"{shlex.join(cmd)}: no end of training within --timeout {timeout:.0f} s; last line: {last(tail)}")
+            raise BenchError(f"{shlex.join(cmd)}: exited with code {proc.wait()} before its training was over; last line: {last(tail)}")
+    finally:
+        stop(proc)
+    if found["toks"]:  # tok/s is cumulative: step x tokens per step / tok/s is the training time so far
+        if not found["tokens"]:
+            raise BenchError(f"{shlex.join(cmd)}: logs tok/s but no train_batch_tokens; cannot turn its tok/s into step times")
+        cumulative = {s: 1000.0 * s * found["tokens"] / r for s, r in found["toks"].items() if r > 0}
+    if max(cumulative, default=0) < iterations:
+        raise BenchError(f"{shlex.join(cmd)}: its training ended at step {max(cumulative, default=0)} of {iterations} "
+                         "(no 'step:N/M train_loss:...' or 'N/M train_loss: ... tok/s:' line for the last steps)")
+    return {"cumulative": cumulative, "tokens": found["tokens"], "peak": found["peak"], "hymba": found["hymba"]}
+
+
+def read_lines(proc: subprocess.Popen, deadline: float):
+    """The child's output lines (without their newline) until it closes its output or the deadline passes;
+    unbuffered reads, so a line is seen as soon as it is written."""
+    fd, pending = proc.stdout.fileno(), b""
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], min(left, 1.0))[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if pending:
+                yield pending.decode("utf-8", "replace")
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from (line.decode("utf-8", "replace") for line in lines)
+
+
+def last(tail: deque) -> str:
+    return next((line for line in reversed(tail) if line.strip()), "(none)")[:300]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End the run's whole process group: SIGTERM, then SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # workers that outlived their launcher
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def step_times(cumulative: dict[int, float], skip: int) -> list[float]:
+    """Each logged step's own time (ms) after the first `skip` steps, from cumulative times of consecutive steps."""
+    steps = sorted(s for s in cumulative if s >= skip)
+    return [(cumulative[b] - cumulative[a]) / (b - a) for a, b in zip(steps, steps[1:])]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=10, help="timed steps per model, interleaved (median reported)")
-    p.add_argument("--seq", type=int, help="TRAIN_SEQ_LEN, same tokens per step (default: the shape's, 1024)")
-    p.add_argument("--out", type=Path, help="markdown file (default: bench/gpu/<device name>.md, or <device name>_T<seq>.md with --seq)")
-    # for the CPU test of the whole measurement path: a tiny model, on CPU, with a backend that needs no compiler
-    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="inductor", help=argparse.SUPPRESS)
+    p.add_argument("script", type=Path, help="the (patched) training script: train_gpt.py of yours, root, PR #1493 or the record")
+    p.add_argument("--layers", default=os.environ.get("HYMBA_LAYERS", "0"), help="HYMBA_LAYERS of the hybrid run (default: $HYMBA_LAYERS, else 0)")
+    p.add_argument("--iterations", type=int, default=40, help="ITERATIONS of each run (default 40)")
+    p.add_argument("--skip", type=int, default=10, help="steps left out of the step time, from the start (default 10)")
+    p.add_argument("--rounds", type=int, default=1, help="plain, hybrid, plain, hybrid, ...: this many of each (default 1)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs: > 1 runs torchrun --standalone --nproc_per_node N (default 1: python)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a run may take before it is stopped and refused (default 1800)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: run a CPU-runnable script (tests)")
+    p.add_argument("--out", type=Path, help="also write the markdown here")
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if not args.script.is_file():
+        raise BenchError(f"{args.script}: no such script; give the path of the training script to time")
+    if not LAYERS.match(args.layers):
+        raise BenchError(f"--layers {args.layers!r} is not a list of block indices: give e.g. 0 or 0,5")
+    if args.skip < 1 or args.iterations < args.skip + 2:
+        raise BenchError(f"--iterations {args.iterations} --skip {args.skip}: need --skip >= 1 and --iterations >= --skip + 2 "
+                         "(at least two timed steps)")
+    for name in ("rounds", "nproc"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.timeout <= 0:
+        raise BenchError(f"--timeout {args.timeout} must be > 0 seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu.py: error: CUDA is not available: this benchmark times the GPU step (tools/bench_speed.py times the CPU)",
-              file=sys.stderr)
+    args.argv = argv
+    try:
+        check_args(args)
+        import torch
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("CUDA is not available: this tool times the training step on the GPU; --device cpu runs a CPU-runnable "
+                             "script (e.g. a CPU copy of a host, tests/host_cpu.py)")
+        text = bench(args, torch)
+    except BenchError as e:
+        print(f"bench_gpu.py: error: {e}", file=sys.stderr)
         return 2
-    t_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt.py's main
-    shape = STEP_SHAPES["tiny" if args.tiny else "9x512"]
-    if args.seq:
-        shape = at_seq(shape, args.seq, shape.tokens, shape.micro_batches)
-    models = step_models()
-    baseline, hybrid = models
-
-    # one model at a time, so each peak is its own; then the steps interleaved
-    steps = {name: training_step(shape, settings, device, args.backend) for name, settings in models.items()}
-    with compiled_once():
-        ms = interleaved_medians({name: s.step for name, s in steps.items()}, args.samples, 1, timer(device))
-
-    # the scan at the layer's SSM shape, bf16 as in training, eager and compiled
-    s = shape.settings
-    head_dim = s["MODEL_DIM"] // s["NUM_HEADS"]
-    with environment({**s, **models[hybrid]}):
-        cfg = hymba_layer.HymbaConfig.from_env(s["NUM_HEADS"], s["NUM_KV_HEADS"], s["NUM_LAYERS"])
-    groups = cfg.ssm_heads // (s["NUM_HEADS"] // s["NUM_KV_HEADS"])
-    inputs = scan_inputs(cfg.ssm_heads, groups, head_dim, 4, s["TRAIN_SEQ_LEN"], device, torch.bfloat16, seed=0)
-    scans = {"eager": hymba_layer.ssd_scan,
-             "compiled": torch.compile(hymba_layer.ssd_scan, dynamic=False, fullgraph=True, backend=args.backend)}
-    scan_err = {}
-    for mode, scan in scans.items():
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
-            y, _ = scan(*inputs, cfg.scan_chunk)
-        scan_err[mode] = scan_error(y, inputs)
-
-    name = describe_device(device)
-    peak = lambda step: f"{step.peak_mib:.0f}" if step.peak_mib is not None else "-"
-    lines = [
-        f"# Training step on {name}",
-        "",
-        f"command: `{command_line()}`",
-        "",
-        f"device: {name}; torch {torch.__version__}; {'bf16 autocast, TF32' if device.type == 'cuda' else 'fp32 (train_gpt.py autocasts on CUDA only)'}; "
-        f"{compile_label(args.backend)}",
-        f"shape: {shape} ({shape.about}); random tokens",
-        f"hybrid config: {cfg}",
-        "",
-        "| model | params | compile s | median step ms | optimizer ms | tokens/s | peak MiB |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {n} | {step.params} | {step.compile_s:.1f} | {ms[n]:.1f} | {statistics.median(step.optimizer_ms):.1f} "
-          f"| {shape.tokens / ms[n] * 1000:,.0f} | {peak(step)} |" for n, step in steps.items()),
-        "",
-        f"{hybrid} / baseline step time: **{ms[hybrid] / ms[baseline]:.3f}x** (median of {args.samples} interleaved steps). "
-        "Peak: torch.cuda.max_memory_allocated during a step, less what was allocated before that model was built.",
-        *(["", f"For scale: the challenge's naive baseline logs {NAIVE_BASELINE_MS} ms per step on 8xH100, each GPU taking one of the 8 "
-               f"micro-batches; this single GPU takes all 8 ({8 * NAIVE_BASELINE_MS:.0f} ms at that per-GPU speed)."] if not args.tiny else []),
-        "",
-        f"## ssd_scan, bf16 autocast, against the fp64 reference (4 x {s['TRAIN_SEQ_LEN']} tokens, {cfg.ssm_heads} heads x P {head_dim} "
-        f"x N {head_dim}, {groups} B groups, chunk {cfg.scan_chunk}, log a in [-1, 0])",
-        "",
-        "| scan | max abs err / max abs reference |",
-        "|---|---|",
-        *(f"| {mode} | {err:.1e} |" for mode, err in scan_err.items()),
-        "",
-        f"wall time of this benchmark: {time.perf_counter() - t_start:.0f} s",
-    ]
-    text = "\n".join(lines) + "\n"
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower() if device.type == "cuda" else "cpu").strip("-")
-    out = args.out or ROOT / "bench" / "gpu" / (f"{slug}_T{args.seq}.md" if args.seq else f"{slug}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
     print(text, end="")
-    print(f"wrote {out}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
     return 0
+
+
+def bench(args: argparse.Namespace, torch) -> str:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYMBA_")}
+    base.update(RUN_SETTINGS, ITERATIONS=str(args.iterations), PYTHONUNBUFFERED="1")
+    if args.device == "cpu":
+        base["CUDA_VISIBLE_DEVICES"] = ""
+        base.setdefault("TORCHDYNAMO_DISABLE", "1")
+    hybrid_env = {**{k: v for k, v in os.environ.items() if k.startswith("HYMBA_")}, "HYMBA_LAYERS": args.layers}
+    configs = {"plain": {}, f"HYMBA_LAYERS={args.layers}": hybrid_env}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+                if args.nproc > 1 else [sys.executable])
+    cmd = [*launcher, str(args.script)]
+    runs = []  # (config, round, result)
+    for r in range(args.rounds):
+        for name, extra in configs.items():
+            run_id = f"bench_gpu_{uuid.uuid4().hex[:10]}"
+            result = run_once(cmd, {**base, **extra, "RUN_ID": run_id}, args.iterations, args.timeout)
+            if extra and not result["hymba"]:
+                raise BenchError(f"{args.script}: the run with HYMBA_LAYERS={args.layers} logged no 'hymba:layer' line: the script is not "
+                                 "patched (python tools/patch_host.py SCRIPT), or it swaps no layer")
+            if not extra and result["hymba"]:
+                raise BenchError(f"{args.script}: the run without HYMBA_* logged 'hymba:layer' lines: it is not the plain model")
+            result["ms"] = step_times(result["cumulative"], args.skip)
+            result["run_id"] = run_id
+            runs.append((name, r + 1, result))
+    return report(args, torch, cmd, runs, list(configs))
+
+
+def report(args: argparse.Namespace, torch, cmd: list[str], runs: list, names: list[str]) -> str:
+    cuda = args.device == "cuda"
+    device = f"{args.nproc} x {torch.cuda.get_device_name(0)}" if cuda else "cpu"
+    peak = lambda res: f"{res['peak']:,}" if cuda and res["peak"] is not None else "-"
+    rate = lambda res, ms: f"{res['tokens'] / ms * 1000:,.0f}" if res["tokens"] else "-"
+    lines = [f"# Training step of {args.script.name}: plain against HYMBA_LAYERS={args.layers}", "",
+             f"command: `{shlex.join(['python', 'tools/bench_gpu.py', *args.argv])}`",
+             f"runs: `{shlex.join(cmd)}` with ITERATIONS={args.iterations} "
+             + " ".join(f"{k}={v}" for k, v in RUN_SETTINGS.items()) + f"; device: {device}; torch {torch.__version__}",
+             f"step ms: median over steps {args.skip + 1}..{args.iterations} of each step's time (from the script's own log lines); "
+             "tokens/s: the script's train_batch_tokens / step ms; peak: its `peak memory allocated` line", "",
+             "| run | round | log | step ms | tokens/s | peak MiB |", "|---|---|---|---|---|---|"]
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, list[int]] = {n: [] for n in names}
+    for name, r, res in runs:
+        ms = statistics.median(res["ms"])
+        medians[name].append(ms)
+        if res["peak"] is not None:
+            peaks[name].append(res["peak"])
+        lines.append(f"| {name} | {r} | logs/{res['run_id']}.txt | {ms:.1f} | {rate(res, ms)} | {peak(res)} |")
+    plain, hybrid = (statistics.median(medians[n]) for n in names)
+    ratio = f"{names[1]} / plain: step time **{hybrid / plain:.3f}x**, tokens/s {plain / hybrid:.3f}x"
+    if cuda and all(peaks.values()) and min(peaks[names[0]]) > 0:
+        ratio += f", peak memory {max(peaks[names[1]]) / max(peaks[names[0]]):.3f}x"
+    lines += ["", ratio + (f" (medians over {args.rounds} rounds)" if args.rounds > 1 else "") + "."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ import difflib
 import importlib
 import itertools
 import lzma
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from make_dataset import write_atomic
 
 MODULE = Path(__file__).resolve().parents[1] / "hymba_layer.py"
 BEGIN = "# ---- hymba_layer.py inlined by tools/patch_host.py (hybrid attention + SSM layers: HYMBA_LAYERS); re-run it to update ----"
@@ -463,19 +463,6 @@ def summary_diff(before: str, after: str, name: str) -> str:
     return "".join(difflib.unified_diff(shown(before), shown(after), f"{name} (before)", f"{name} (patched)", n=1))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("script", type=Path, help="the host train_gpt.py (plain or self-extracting)")
@@ -499,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.script}: already patched with the current hymba_layer.py; nothing to do")
         return 0
     print(summary_diff(text, patched, args.script.name), end="")
-    write_atomic(out, patched)
+    write_atomic(out, patched.encode("utf-8"))
     form = "self-extracting" if find_wrapper(text) is not None else "plain"
     print(f"wrote {out} ({form}): {len(text.encode()):,} -> {len(patched.encode()):,} bytes of counted code")
     return 0
