@@ -9,7 +9,6 @@ import pytest
 
 from conftest import REPO, clean_env, grab, run_train_gpt, tiny_config
 
-import bench_gpu
 import bench_quality
 import write_submission
 
@@ -217,31 +216,3 @@ def test_bench_speed_layers_see_what_their_names_say():
     a, aw = out["attention"][0], out["attention W=8"][0]
     torch.testing.assert_close(aw[:, :8], a[:, :8], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(aw[:, 8:], a[:, 8:]) and not torch.allclose(out["hybrid"][0], a)
-
-
-def test_gpu_benchmark_refuses_without_cuda(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: False)
-    assert bench_gpu.main(["--out", str(tmp_path / "gpu.md")]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "bench_gpu.py: error: CUDA is not available: this benchmark times the GPU step (tools/bench_speed.py times the CPU)"]
-    assert not list(tmp_path.iterdir())
-
-
-def test_gpu_benchmark_whole_path_runs_on_cpu(tmp_path):
-    """The hidden --device cpu --tiny: both GPTs built (--seq 32, the hybrid windowed by HYMBA_WINDOW), compiled
-    (dynamo, with the eager backend: no C++ compiler), stepped and timed without a recompile, and the scan's bf16
-    error measured."""
-    out = tmp_path / "gpu.md"
-    subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--device", "cpu", "--tiny", "--backend", "eager",
-                    "--samples", "2", "--seq", "32", "--out", str(out)], check=True, capture_output=True,
-                   env={**clean_env(), "HYMBA_WINDOW": "16"})
-    text = out.read_text()
-    assert "2 micro-batches of 4 x 32 = 256 tokens per step" in text and "window=16" in text  # --seq: same tokens per step
-    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in text.split("\n## ")[0].splitlines() if l.startswith("| ") and "---" not in l]
-    steps = [dict(zip(rows[0], r)) for r in rows[1:]]
-    assert [r["model"] for r in steps] == ["baseline", "HYMBA_LAYERS=0"] and int(steps[1]["params"]) > int(steps[0]["params"])
-    assert all(float(r["median step ms"]) > 0 and float(r["compile s"]) > 0 for r in steps)
-    ratio = float(re.search(r"HYMBA_LAYERS=0 / baseline step time: \*\*([\d.]+)x\*\*", text).group(1))
-    assert abs(ratio - float(steps[1]["median step ms"]) / float(steps[0]["median step ms"])) < 0.01
-    _, scan = section(markdown_tables(text), "ssd_scan")
-    assert [r["scan"] for r in scan] == ["eager", "compiled"] and all(1e-4 < float(r["max abs err / max abs reference"]) < 2e-2 for r in scan)
