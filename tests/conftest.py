@@ -1,10 +1,10 @@
-"""Shared test helpers: a shard writer, a self-trained tokenizer, a small shard dataset, and a clean
-environment for running train_gpt.py as a subprocess."""
+"""Shared test helpers: shards (make_dataset's writer, with a bad header on request), a tokenizer trained by
+make_dataset, a small shard dataset, and a clean environment for running train_gpt.py as a subprocess."""
 from __future__ import annotations
 
-import io
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +13,23 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import make_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+HEADER_FIELDS = ("magic", "version", "count")  # the first three int32 of a shard's header
 
-SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
-
-def write_shard(path, tokens, *, magic: int = SHARD_MAGIC, version: int = SHARD_VERSION, count: int | None = None) -> Path:
-    """A challenge shard: 256 little-endian int32 (magic, version, token count, zeros) + uint16 tokens."""
-    tokens = np.asarray(tokens)
-    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16))
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = magic, version, tokens.size if count is None else count
+def write_shard(path, tokens, **header: int) -> Path:
+    """A challenge shard, written by make_dataset.write_shard; `header` (magic=, version=, count=) then
+    overwrites those header fields, to make a shard the host must refuse."""
     path = Path(path)
-    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    make_dataset.write_shard(path, tokens)
+    if header:
+        raw = bytearray(path.read_bytes())
+        for name, value in header.items():
+            struct.pack_into("<i", raw, 4 * HEADER_FIELDS.index(name), value)
+        path.write_bytes(bytes(raw))
     return path
 
 
@@ -36,22 +39,12 @@ def corpus_docs() -> list[str]:
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
-def train_tokenizer(lines: list[str], vocab_size: int = 512) -> bytes:
-    """The challenge's SentencePiece settings (golf_conventions 1.2), trained in memory."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=0.999, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
-        minloglevel=2, num_threads=1, seed_sentencepiece_size=100_000)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
+    """make_dataset's BPE (the challenge's SentencePiece settings) with 512 pieces, trained on the corpus's lines."""
     lines = [line for doc in corpus_docs() for line in doc.splitlines() if line.strip()]
     path = tmp_path_factory.mktemp("tokenizer") / "golf_512_bpe.model"
-    path.write_bytes(train_tokenizer(lines))
+    path.write_bytes(make_dataset.train_tokenizer(lines, 512).serialized_model_proto())
     return path
 
 

@@ -102,7 +102,9 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
 
 
 def write_atomic(path: str | os.PathLike, *chunks: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the whole new one."""
+    """Temp file in the same folder, fsync, os.replace: readers see the old file or the whole new one.
+    A file replaced keeps its permission bits (an executable script stays executable). The tools' one copy
+    (patch_host.py imports it); train_gpt.py has its own, the counted file standing alone."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -111,6 +113,8 @@ def write_atomic(path: str | os.PathLike, *chunks: bytes) -> None:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -505,6 +509,16 @@ def build_dataset(out_dir, docs, *, tokenizer=None, vocab_size: int = 1024, toke
                **written, "seconds": round(time.monotonic() - started, 2)}
     _log_written(progress, out_dir, summary)
     return summary
+
+
+def builtin_shards(out_dir, tokenizer_out, *, tokenizer=None, quiet: bool = True) -> tuple[Path, Path]:
+    """The built-in corpus as shards in out_dir, its tokenizer at tokenizer_out (the given model copied, or a
+    vocab-1024 BPE trained), as `make_dataset.py --out OUT --tokenizer-out PATH` writes them; built once and
+    reused while OUT holds a val shard. For the demo and the benchmarks."""
+    out_dir, tokenizer_out = Path(out_dir), Path(tokenizer_out)
+    if not shard_paths(out_dir, "val"):
+        build_dataset(out_dir, builtin_corpus(), tokenizer=tokenizer, tokenizer_out=tokenizer_out, force=True, quiet=quiet)
+    return out_dir, tokenizer_out
 
 
 def build_books_dataset(out_dir, books=BOOKS_DEFAULT, *, tokenizer=None, vocab_size: int = 1024,

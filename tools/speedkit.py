@@ -1,7 +1,6 @@
-"""What bench_speed.py and bench_gpu.py measure with: interleaved medians, the attention layers compared
-(train_gpt.py's CausalSelfAttention, plain, windowed, with hybrid heads), train_gpt.py's whole training step
-on random tokens (baseline or hybrid, eager or compiled, at any sequence length) and ssd_scan's inputs and
-error."""
+"""What bench_gpu.py measures with (bench/bench_speed.py too): interleaved medians, train_gpt.py's whole
+training step on random tokens (baseline or hybrid, eager or compiled, at any sequence length) and ssd_scan's
+inputs and error. A library of bench_gpu.py's, not a command."""
 from __future__ import annotations
 
 import contextlib
@@ -15,14 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+if str(ROOT) not in sys.path:  # the counted files sit in the repo root, beside tools/
+    sys.path.insert(0, str(ROOT))
 import hymba_layer  # noqa: E402
 import train_gpt  # noqa: E402
-from bench_quality import PRESETS  # noqa: E402
 
 # ----------------------------------------------------------------------------- timing
 
@@ -119,16 +116,8 @@ CHALLENGE = dict(NUM_LAYERS=9, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_M
 GRAD_ACCUM = 8  # train_gpt.py on one process: 8 // WORLD_SIZE micro-batches per step
 
 
-def quality_shape(preset: str, about: str, **overrides) -> StepShape:
-    """A bench_quality.py preset as train_gpt.py trains it on one process (vocab 1024, the built-in sp1024 data)."""
-    settings = {k: v for k, v in {**CHALLENGE, **PRESETS[preset], **overrides}.items() if k in SHAPE_VARS}
-    return StepShape(settings, GRAD_ACCUM, PRESETS[preset]["TRAIN_BATCH_TOKENS"] // (GRAD_ACCUM * settings["TRAIN_SEQ_LEN"]), about)
-
-
-STEP_SHAPES = {
+STEP_SHAPES = {  # bench/bench_speed.py adds the benchmark presets' shapes
     "9x512": StepShape(CHALLENGE, GRAD_ACCUM, 64, "the challenge on one GPU, by gradient accumulation"),
-    "9x128": quality_shape("cpu", "bench_quality.py's l9_* configs on preset cpu: RESULTS.md's '9 blocks x 128' rows", NUM_LAYERS=9),
-    "9x64": quality_shape("l9", "bench_quality.py preset l9"),
     "tiny": StepShape(dict(CHALLENGE, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=64), 2, 2,
                       "a smoke test"),
 }
@@ -156,46 +145,7 @@ def environment(settings: dict):
         os.environ.update(saved)
 
 
-# ----------------------------------------------------------------------------- one attention layer
-
-class WindowOnly(nn.Module):
-    """A stand-in for HybridHeads with no SSM heads: hymba_attention then sends every head of the layer through
-    the hybrid layer's windowed attention (local_attention on SDPA), so the plain attention layer with the same
-    window is timed by the same code path as the hybrid's attention heads."""
-
-    heads = kv_heads = 0
-    carry = None  # never scores with state
-
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-
-    def forward(self, q: torch.Tensor, *rest) -> torch.Tensor:  # q, k, v, starts[, carry]
-        return q  # (batch, T, 0, head_dim): no SSM heads
-
-
-def attention_layers(dim: int, heads: int, kv_heads: int, ssm_heads: int, chunk: int, conv: int, window: int,
-                     seed: int = 0) -> dict[str, nn.Module]:
-    """The layers compared, by name: train_gpt.py's CausalSelfAttention plain ("attention"), with the hybrid
-    heads of HymbaConfig(ssm_heads, (0,), chunk, conv, 0) ("hybrid"), and with `window` (when not 0) the same two
-    with that window ("attention W=..." through WindowOnly, "hybrid W=..."). Each output projection is random,
-    not zero as the host starts it, so the backward pass does its real work."""
-    group = heads // kv_heads
-    names = ["attention", "hybrid"] + ([f"attention W={window}", f"hybrid W={window}"] if window else [])
-    layers = {}
-    for name in names:
-        torch.manual_seed(seed)
-        layer = train_gpt.CausalSelfAttention(dim, heads, kv_heads, 10000.0, 1.5)
-        nn.init.normal_(layer.proj.weight, std=0.02)
-        w = window if "W=" in name else 0
-        if name.startswith("hybrid"):
-            layer.hymba = hymba_layer.HybridHeads(ssm_heads, ssm_heads // group, dim // heads,
-                                                  hymba_layer.HymbaConfig(ssm_heads, (0,), chunk, conv, w))
-        elif w:
-            layer.hymba = WindowOnly(w)
-        layers[name] = layer
-    return layers
-
+# ----------------------------------------------------------------------------- the two GPTs
 
 def step_models() -> dict[str, dict[str, str]]:
     """The two GPTs whose steps are compared, by name: the baseline (no HYMBA_* settings) and the hybrid

@@ -1,10 +1,10 @@
 """hymba_layer.py inside the challenge's own hosts, at equal steps, paired by seed, on the CPU.
 
-    python tools/bench_hosts.py --family root --seeds 1337,1338 --out bench/hosts_root
-    python tools/bench_hosts.py --family pr1493 --seeds 1337,1338 --out bench/hosts_pr1493
+    python3 bench/bench_hosts.py --family root --seeds 1337,1338 --out bench/results/hosts_root
+    python3 bench/bench_hosts.py --family pr1493 --seeds 1337,1338 --out bench/results/hosts_pr1493
 
 root: per seed, four runs with the same settings and data: the challenge's root train_gpt.py (a CPU
-copy, tools/host_cpu.py), the same patched with HYMBA_LAYERS=0 (tools/patch_host.py), this project's
+copy, tests/host_cpu.py), the same patched with HYMBA_LAYERS=0 (tools/patch_host.py), this project's
 train_gpt.py, and it with HYMBA_LAYERS=0. The table shows the hybrid's gain in each host and how
 closely the two hosts agree (so this project's results transfer to root-based scripts).
 pr1493: per seed, the PR #1493 record script (CPU copy) plain and patched with HYMBA_LAYERS=0: its
@@ -20,21 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host_cpu  # noqa: E402
-import patch_host  # noqa: E402
-from logparse import parse_log  # noqa: E402
+from benchkit import ROOT, SHARED, relative, train_run  # first: it sets the import paths
 
-ROOT = Path(__file__).resolve().parents[1]
-HOSTS = ROOT.parent / "shared" / "hosts"
-TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
+import host_cpu
+import patch_host
+from make_dataset import builtin_shards
+
+HOSTS = SHARED / "hosts"
+TOKENIZERS = SHARED / "tokenizers"
 HYBRID = {"HYMBA_LAYERS": "0"}  # block 0, the placement the previous design measured best (RESULTS.md)
 
 # settings both hosts read with the same meaning; small enough for 2 CPU cores
@@ -62,12 +59,7 @@ def build_data(family: str, cache: Path) -> dict[str, str]:
     model = TOKENIZERS / f"fineweb_{vocab}_bpe.model"
     if not model.is_file():
         raise SystemExit(f"bench_hosts.py: {model} not found: the challenge's sp{vocab} tokenizer is needed")
-    data, tokenizer = cache / "datasets" / f"fineweb10B_sp{vocab}", cache / "tokenizers" / model.name
-    if not (data / "fineweb_val_000000.bin").exists():
-        tokenizer.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(model, tokenizer)
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_dataset.py"), "--out", str(data), "--tokenizer", str(tokenizer),
-                        "--force", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    data, tokenizer = builtin_shards(cache / "datasets" / f"fineweb10B_sp{vocab}", cache / "tokenizers" / model.name, tokenizer=model)
     return dict(DATA_PATH=str(data.resolve()), TOKENIZER_PATH=str(tokenizer.resolve()), DATA_DIR=f"{cache.resolve()}/")
 
 
@@ -77,6 +69,7 @@ def script_for(kind: str, patched: bool, folder: Path) -> Path:
     text = (HOSTS / f"{kind}_train_gpt.py").read_text(encoding="utf-8")
     if patched:
         text = patch_host.patch_text(text, patch_host.MODULE.read_text(encoding="utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_gpt.py"
     path.write_text(host_cpu.cpu_copy(kind, text), encoding="utf-8")
     return path
@@ -85,18 +78,8 @@ def script_for(kind: str, patched: bool, folder: Path) -> Path:
 def run_one(family: str, name: str, seed: int, data_env: dict, out: Path) -> dict:
     kind, patched, extra = RUNS[family][name]
     folder = (out / "runs" / f"{name.replace(' ', '_').replace('+', '_')}_s{seed}").resolve()
-    log = folder / "logs" / "run.txt"
-    if not (log.exists() and parse_log(log)["scores"]):
-        folder.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HYMBA_")}
-        env.update({k: str(v) for k, v in {**SETTINGS[family], **data_env, **extra}.items()}, SEED=str(seed), RUN_ID="run",
-                   TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, str(script_for(kind, patched, folder))], cwd=folder, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        print(f"  {name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
-    run = parse_log(log)
+    env = {**SETTINGS[family], **data_env, **extra, "SEED": seed, "TORCHDYNAMO_DISABLE": 1, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", 1)}
+    run = train_run(script_for(kind, patched, folder), folder, env, f"{name} seed {seed}", finished=lambda run: bool(run["scores"]))
     scores = {label: bpb for label, _, bpb, _ in run["scores"]}
     if family == "pr1493":
         return dict(name=name, seed=seed, pre=scores["pre-quantization post-ema"], quant=scores["quantized"],
@@ -143,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_one(args.family, n, s, data_env, args.out) for s in seeds for n in RUNS[args.family]]
     settings = ", ".join(f"{k}={v}" for k, v in SETTINGS[args.family].items())
     text = (f"## hymba_layer.py in the {args.family} host: equal steps, {len(seeds)} seeds\n\n"
-            f"Command: `python tools/bench_hosts.py --family {args.family} --seeds {args.seeds} --out {args.out}`\n\n"
+            f"Command: `python3 bench/bench_hosts.py --family {args.family} --seeds {args.seeds} --out {relative(args.out)}`\n\n"
             f"CPU, fp32, one thread per run, built-in corpus with the challenge's sp{SETTINGS[args.family]['VOCAB_SIZE']} "
             f"tokenizer. Settings: {settings}; hybrid runs add HYMBA_LAYERS=0.\n\n" + table(args.family, runs, seeds))
     (args.out / "results.md").write_text(text, encoding="utf-8")

@@ -5,8 +5,8 @@ Trains each configuration with identical hyperparameters, data and seeds by runn
 writes a markdown table, a JSON file of every number and a plot (val_bpb against step and against
 training time, one line per configuration, mean over seeds).
 
-    python tools/bench_quality.py                                   # layer0 vs baseline, 2 seeds, CPU preset
-    python tools/bench_quality.py --configs baseline,layer0,layer0_conv4 --seeds 1,2,3 --out bench/ablate
+    python3 bench/bench_quality.py                                  # layer0 vs baseline, 2 seeds, CPU preset
+    python3 bench/bench_quality.py --configs baseline,layer0,layer0_conv4 --seeds 1,2,3 --out bench/results/ablate
 
 Data: the built-in corpus (tools/make_dataset.py), tokenized with the challenge's
 fineweb_1024_bpe.model when ../shared/tokenizers/ has it (a tokenizer trained on the corpus
@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from logparse import final_numbers, parse_log  # noqa: E402
+from benchkit import RESULTS, ROOT, SHARED, relative, train_run  # first: it sets the import paths
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "fineweb_1024_bpe.model"
+from demo import CPU_PRESET
+from logparse import final_numbers
+from make_dataset import builtin_shards
 
-# A model a 2-core CPU trains in about a minute; one hybrid layer of four is a real share of it.
+SHARED_TOKENIZER = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+
 PRESETS = {
-    "cpu": dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
-                TRAIN_BATCH_TOKENS=8192, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=25),
+    "cpu": CPU_PRESET,  # the demo's model on a CPU
     # the challenge's depth (9 blocks, U-Net skips), small enough for the equal-time budgets and the
     # 200/400/800-step curve on 2 cores (RESULTS.md)
     "l9": dict(NUM_LAYERS=9, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=128,
@@ -76,32 +73,15 @@ CONFIGS = {
 
 
 def build_data(cache: Path) -> tuple[Path, Path]:
-    """Shards of the built-in corpus in `cache` (made once, reused)."""
-    data, tokenizer = cache / "datasets" / "builtin_sp1024", cache / "tokenizers" / "builtin_1024_bpe.model"
-    if not (data / "fineweb_val_000000.bin").exists():
-        if SHARED_TOKENIZER.exists():
-            tokenizer.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.write_bytes(SHARED_TOKENIZER.read_bytes())
-            tok_args = ["--tokenizer", str(tokenizer)]
-        else:
-            tok_args = ["--vocab-size", "1024", "--tokenizer-out", str(tokenizer)]
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_dataset.py"), "--out", str(data), *tok_args, "--force", "--quiet"], check=True)
-    return data, tokenizer
+    """Shards of the built-in corpus in `cache` (made once, reused), with the challenge's sp1024 tokenizer where
+    ../shared/tokenizers/ has it (one trained on the corpus otherwise)."""
+    return builtin_shards(cache / "datasets" / "builtin_sp1024", cache / "tokenizers" / "builtin_1024_bpe.model",
+                          tokenizer=SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else None)
 
 
-def run_one(name: str, seed: int, env_over: dict, out: Path, reuse: bool) -> dict:
-    run_dir = out / "runs" / f"{name}_s{seed}"
-    log = run_dir / "logs" / "run.txt"
-    if not (reuse and log.exists() and "roundtrip_exact" in parse_log(log)):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HYMBA_")}
-        env.update({k: str(v) for k, v in env_over.items()}, SEED=str(seed), RUN_ID="run")
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=run_dir, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        print(f"  {name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
-    run = parse_log(log)
+def run_one(name: str, seed: int, env: dict, out: Path, reuse: bool) -> dict:
+    run = train_run(ROOT / "train_gpt.py", out / "runs" / f"{name}_s{seed}", {**env, "SEED": seed}, f"{name} seed {seed}",
+                    finished=lambda run: reuse and "roundtrip_exact" in run)
     return {"config": name, "seed": seed, "curve": run["val"], "params": run["model_params"], **final_numbers(run)}
 
 
@@ -192,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra env var for every run (repeatable)")
     p.add_argument("--data", type=Path, help="shard folder (default: the built-in corpus, built into --out/cache)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer .model for --data")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "quality", help="output folder (default: bench/quality)")
+    p.add_argument("--out", type=Path, default=RESULTS / "quality", help="output folder (default: bench/results/quality)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs already in --out/runs")
     args = p.parse_args(argv)
 
@@ -223,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = (f"equal time: every run trains for {settings['MAX_WALLCLOCK_SECONDS']} s" if float(settings["MAX_WALLCLOCK_SECONDS"]) > 0
               else f"equal steps: every run trains {settings['ITERATIONS']} steps")
     header = (f"## Quality, {budget}: {', '.join(names)} ({len(seeds)} seeds, preset `{args.preset}`)\n\n"
-              f"Command: `python tools/bench_quality.py --configs {args.configs} --seeds {args.seeds} --preset {args.preset}"
+              f"Command: `python3 bench/bench_quality.py --configs {args.configs} --seeds {args.seeds} --preset {args.preset}"
               + "".join(f" --set {kv}" for kv in args.set) + (f" --data {args.data} --tokenizer {args.tokenizer}" if args.data else "")
-              + f" --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`\n\n"
+              + f" --out {relative(args.out)}`\n\n"
               f"Data: `{data.name}` (tokenizer `{tokenizer.name}`{', the challenge sp1024 model' if same_as_challenge else ''}). "
               f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.")
     table = markdown(rows, header)

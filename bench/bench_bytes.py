@@ -1,9 +1,9 @@
 """Artifact bytes that hybrid layers add to today's record stack, measured with the record's own export.
 
-    python tools/bench_bytes.py                        # ../shared/hosts/record_0429_train_gpt.py, layers "5" and "3,8"
-    python tools/bench_bytes.py --layers 0 0,5 0,3,5,8 --conv 4 --script path/to/record/train_gpt.py
+    python3 bench/bench_bytes.py                       # ../shared/hosts/record_0429_train_gpt.py, layers "5" and "3,8"
+    python3 bench/bench_bytes.py --layers 0 0,5 0,3,5,8 --conv 4 --script path/to/record/train_gpt.py
 
-The record script is patched (tools/patch_host.py) and turned into its CPU copy (tools/host_cpu.py), then
+The record script is patched (tools/patch_host.py) and turned into its CPU copy (tests/host_cpu.py), then
 imported, not run: its GPT is built at the record's default shape (11 x 512, 8 heads / 4 KV, vocab 8192, MLP
 4x), once plain and once per --layers with the hybrid heads swapped in (`build_and_swap_hymba_layers`, the
 HYMBA_* env vars). The state dict goes through the record's own unbanking, `gptq_mixed_quantize` (int6 GPTQ
@@ -18,27 +18,26 @@ apart), so any entry that shifts the rest of the container by an odd number of b
 tensor after it compresses. Each row is therefore shown beside a control: a dummy entry of the same raw size
 (random fp16, another name) added instead. The raw container bytes are exact; what the compressed bytes say
 beyond the control's spread is noise of the container, not a cost of the hybrid heads.
-Code bytes: the inlined module's cost as the record counts code (lzma + base85 of the script; the record also
-runs pyminify first, not installed here, which would make both smaller).
+Code bytes: the inlined module's cost as the record counts code (make_record.wrapped_size: lzma + base85 of the
+script; the record also runs pyminify first, not installed here, which would make both smaller).
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib.util
 import io
-import lzma
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host_cpu  # noqa: E402
-import patch_host  # noqa: E402
+from benchkit import SHARED  # first: it sets the import paths
 
-ROOT = Path(__file__).resolve().parents[1]
-RECORD = ROOT.parent / "shared" / "hosts" / "record_0429_train_gpt.py"
+import host_cpu
+import patch_host
+from make_record import wrapped_size
+
+RECORD = SHARED / "hosts" / "record_0429_train_gpt.py"
 
 
 def load_copy(script: Path, compressor: str):
@@ -52,11 +51,6 @@ def load_copy(script: Path, compressor: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def code_bytes(text: str) -> int:
-    """The record's code count without pyminify: an lzma + base85 self-extracting wrapper of the script."""
-    return len(b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("' + base64.b85encode(lzma.compress(text.encode("utf-8"))) + b'")))\n')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| model | hybrid params (route) | hybrid layers | raw container bytes (added) | compressed bytes | compressed added "
           "| raw added per layer |\n|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\ncode: the script {code_bytes(script_text):,} bytes as the record counts it without pyminify, patched "
-          f"{code_bytes(patched_text):,} (+{code_bytes(patched_text) - code_bytes(script_text):,}: the inlined hymba_layer.py, once for any number of layers)")
+    script_bytes, patched_bytes = wrapped_size(script_text, minify=False), wrapped_size(patched_text, minify=False)
+    print(f"\ncode: the script {script_bytes:,} bytes as the record counts it without pyminify, patched "
+          f"{patched_bytes:,} (+{patched_bytes - script_bytes:,}: the inlined hymba_layer.py, once for any number of layers)")
     return 0
 
 

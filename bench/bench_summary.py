@@ -1,9 +1,9 @@
 """Does a hybrid's gain hold as training lengthens? One table and plot from several bench_quality.py runs.
 
-    python tools/bench_summary.py bench/l9_steps200 bench/l9_steps400 bench/l9_steps800 \\
-        --time bench/l9_time30 bench/l9_time120 --config layer0 --out bench/l9
+    python3 bench/bench_summary.py bench/results/l9_steps200 bench/results/l9_steps400 \\
+        --time bench/results/l9_time40 bench/results/l9_time160 --config layer0 --out bench/results/l9
 
-Each folder is one budget (an --out of tools/bench_quality.py with the same configurations and seeds):
+Each folder is one budget (an --out of bench/bench_quality.py with the same configurations and seeds):
 equal-steps folders give the paired per-seed Δ val_bpb (config minus its reference, same seed) at each
 step count, as a curve; equal-time folders (MAX_WALLCLOCK_SECONDS) give it at each time budget, with the
 steps each configuration reached. Writes <out>/results.md and <out>/curve.png.
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import relative  # first: it sets the import paths
 
 
 def load(folder: Path, config: str) -> dict:
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     head = ["| budget | steps (ref / hybrid) | hybrid step time | val_bpb ref | val_bpb hybrid | Δ per seed | Δ mean (hybrid lower) |",
             "|---|---|---|---|---|---|---|"]
     lines = [f"## {args.config} vs {ref}: the paired gain as the budget grows", "",
-             "Command: `python tools/bench_summary.py " + " ".join(map(str, args.steps))
-             + (" --time " + " ".join(map(str, args.time)) if args.time else "") + f" --config {args.config} --out {args.out}`", "",
+             "Command: `python3 bench/bench_summary.py " + " ".join(map(relative, args.steps))
+             + (" --time " + " ".join(map(relative, args.time)) if args.time else "") + f" --config {args.config} --out {relative(args.out)}`", "",
              "Δ: int8-roundtrip val_bpb of the hybrid minus the reference's with the same seed (negative = hybrid better). "
              "Each budget is its own set of runs with its warmdown fitted to it (a step count, or the challenge's "
              "MAX_WALLCLOCK_SECONDS cap). Per-budget commands and full tables: each folder's results.md.", ""]
