@@ -1,7 +1,8 @@
 """tools/patch_host.py on the challenge's three real hosts and on small synthetic ones: every attention-kernel
 call routed through hymba_attention with the right layer, a swap after every model build, the module inlined
-where what it names is defined, idempotent, reversible, atomic, self-extracting scripts packed again the way
-they were, and one-line refusals that leave the file byte for byte as it was."""
+as code where what it names is defined (minified in a self-extracting script, running as the module does),
+idempotent, reversible, atomic, self-extracting scripts packed again the way they were, and one-line refusals
+(a top-level name the module defines too, among them) that leave the file byte for byte as it was."""
 import ast
 import base64
 import lzma
@@ -75,7 +76,8 @@ def test_patch_routes_every_kernel_call_and_swaps_after_every_model_build(tmp_pa
     assert proc.returncode == 0, proc.stderr
     source, wrapper = patch_host.unwrap(path.read_text(encoding="utf-8"))
     assert (wrapper is not None) == (name == "pr1493")  # a self-extracting script stays self-extracting
-    assert source.count(MODULE_SOURCE) == 1  # every byte of code that runs is in the one counted file
+    # every byte of code that runs is in the one counted file: the module as written, minified where the script is
+    assert source.count(patch_host.module_code(MODULE_SOURCE, minify=wrapper is not None)) == 1
     host = host_part(source)
     assert hooks(source) == HOOKS[name]
     assert calls(host, KERNELS) == []  # no kernel call left unrouted
@@ -92,6 +94,7 @@ def test_patch_routes_every_kernel_call_and_swaps_after_every_model_build(tmp_pa
     compile(py311(source), name, "exec")
     # it shows what it changed: the hooks, and the module as one line
     assert "+<hymba_layer.py: " in proc.stdout and f"build_and_swap_hymba_layers({SWAPS[name][-1]})" in proc.stdout
+    assert ("(self-extracting, hymba_layer.py minified: " in proc.stdout) == (wrapper is not None)
     assert re.search(rf"^\+.*{re.escape(HOOK)}\(self, ", proc.stdout, re.M)
     assert MODULE_SOURCE[:2000] not in proc.stdout
 
@@ -113,14 +116,108 @@ def test_unpatching_gives_the_original_back_byte_for_byte(name):
     original = patch_host.unwrap(host_text(name))[0]
     patched = patch_host.unwrap(patch_host.patch_text(host_text(name), MODULE_SOURCE))[0]
     assert patch_host.unpatch(patched) == original
-    assert patch_host.patch_source(patched, MODULE_SOURCE) == patched
+    assert patch_host.patch_source(patched, MODULE_SOURCE, minify=name == "pr1493") == patched
 
 
-def test_an_older_inlined_module_is_replaced_by_the_current_one():
-    old = patch_host.patch_text(host_text("root"), MODULE_SOURCE.replace("ssm_state: int = 16", "ssm_state: int = 8"))
+@pytest.mark.parametrize("name", HOSTS)
+def test_an_older_inlined_module_is_replaced_by_the_current_one(name):
+    older = MODULE_SOURCE.replace("scan_chunk: int = 64", "scan_chunk: int = 32")
+    assert older != MODULE_SOURCE
+    old = patch_host.patch_text(host_text(name), older)
     updated = patch_host.patch_text(old, MODULE_SOURCE)
-    assert updated == patch_host.patch_text(host_text("root"), MODULE_SOURCE)
-    assert patch_host.unpatch(updated) == host_text("root")
+    assert old != updated == patch_host.patch_text(host_text(name), MODULE_SOURCE)
+    assert patch_host.unpatch(patch_host.unwrap(updated)[0]) == patch_host.unwrap(host_text(name))[0]
+
+
+def exec_block(source):
+    """The block as the tool wrote it before it inlined the module as code: a string passed to exec."""
+    return (f"{patch_host.BEGIN}\nimport sys, types\nhymba_layer = types.ModuleType('hymba_layer')\n"
+            f"sys.modules['hymba_layer'] = hymba_layer\nexec(compile(r'''{source}''', 'hymba_layer.py', 'exec'), "
+            f"hymba_layer.__dict__)\n{patch_host.END}\n")
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_a_module_inlined_in_the_earlier_exec_form_is_replaced_by_code(name):
+    current = patch_host.patch_text(host_text(name), MODULE_SOURCE)
+    source, wrapper = patch_host.unwrap(current)
+    older = source.replace(block_of(source), exec_block(MODULE_SOURCE))
+    older = older if wrapper is None else patch_host.wrap(current, wrapper, older)
+    assert older != current and patch_host.patch_text(older, MODULE_SOURCE) == current
+
+
+# ---- the module inlined as code ----
+
+def block_of(source):
+    return source[source.index(patch_host.BEGIN):source.index(patch_host.END) + len(patch_host.END) + 1]
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_the_module_is_inlined_as_code_that_the_hooks_find_by_name(name):
+    source, wrapper = patch_host.unwrap(patch_host.patch_text(host_text(name), MODULE_SOURCE))
+    block = block_of(source)
+    tree = ast.parse(block)
+    defined = {s.name for s in tree.body if isinstance(s, (ast.FunctionDef, ast.ClassDef))}
+    assert {"hymba_attention", "build_and_swap_hymba_layers", "HybridHeads", "ssd_scan"} <= defined
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) in ("exec", "compile")]
+    # the hooks' `hymba_layer` is the script's own module (its globals hold the definitions), bound last in the block
+    assert ast.unparse(tree.body[-1]) == "hymba_layer = __import__('sys').modules[__name__]"
+    if wrapper is None:  # as written: a host's own minifier (the record's) shrinks it with the rest
+        assert block == f"{patch_host.BEGIN}\n{MODULE_SOURCE}{patch_host.NAMESPACE}\n{patch_host.END}\n"
+    else:  # a self-extracting script holds minified code: no docstring, no comment but the markers
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)]
+        assert [line for line in block.splitlines() if line.lstrip().startswith("#")] == [patch_host.BEGIN, patch_host.END]
+        assert len(block) < len(MODULE_SOURCE) * 0.6
+
+
+def minifier_form(form, monkeypatch):
+    """The tool's minifier for a self-extracting script as `form` says: python-minifier (skip without it) or not installed."""
+    if form == "python-minifier":
+        pytest.importorskip("python_minifier")
+    elif form == "without python-minifier":
+        monkeypatch.setitem(sys.modules, "python_minifier", None)  # `import python_minifier` raises ImportError
+        assert "pip install python-minifier" in patch_host.minifier()
+
+
+@pytest.mark.parametrize("form", ["python-minifier", "without python-minifier"])
+def test_a_self_extracting_script_grows_by_its_minified_module(form, monkeypatch):
+    minifier_form(form, monkeypatch)
+    original = host_text("pr1493")
+    added = len(patch_host.patch_text(original, MODULE_SOURCE)) - len(original)
+    # the module as written, packed into the payload, would add about its own source packed (measured 0.95 of it)
+    assert 0 < added < len(base64.b85encode(lzma.compress(MODULE_SOURCE.encode()))) * 0.7
+
+
+@pytest.mark.parametrize("form", ["as written", "python-minifier", "without python-minifier"])
+def test_the_inlined_code_runs_as_the_module(form, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import hymba_layer
+    minifier_form(form, monkeypatch)
+    block = patch_host.inline_block(MODULE_SOURCE, minify=form != "as written")
+    if form != "as written":  # minified: no docstring left
+        assert not [n for n in ast.walk(ast.parse(block)) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)]
+    script = types.ModuleType("inlined_script")
+    monkeypatch.setitem(sys.modules, script.__name__, script)
+    exec(compile(block, "inlined_script.py", "exec"), vars(script))
+    assert script.hymba_layer is script and script.hymba_layer.hymba_attention is script.hymba_attention
+    monkeypatch.setenv("HYMBA_LAYERS", "1")
+    monkeypatch.setenv("HYMBA_CONV", "2")
+    cfg = script.HymbaConfig.from_env(8, 4, 2)  # a frozen dataclass, minified or not
+    assert (cfg.layers, cfg.ssm_heads, cfg.conv) == ((1,), 4, 2) and repr(cfg).startswith("HymbaConfig(ssm_heads=4,")
+    monkeypatch.setenv("HYMBA_SCAN_CHUNK", "x")
+    with pytest.raises(ValueError, match=r"^HYMBA_SCAN_CHUNK='x' is invalid: expected a positive int$"):
+        script.HymbaConfig.from_env(8, 4, 2)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, 2, 16), torch.randn(2, 24, 2, 16)
+    outputs = []
+    for module in (hymba_layer, script):
+        torch.manual_seed(1)
+        heads = module.HybridHeads(4, 2, 16, module.HymbaConfig(4, (0,), 8, 2, 0))
+        with torch.no_grad():
+            heads.D.uniform_()  # D, conv taps and dt weights away from their initial values
+            heads.conv_weight.uniform_()
+            heads.dt_weight.normal_()
+        outputs.append(heads(q, k, v, None))
+    assert torch.equal(*outputs)
 
 
 def refused(tmp_path, text, *args):
@@ -246,6 +343,26 @@ def test_a_synthetic_host_is_routed_by_layer_and_a_kernel_stand_in_is_left_alone
     assert patch_host.unpatch(patched) == FAKE and patch_host.patch_text(patched, MODULE_SOURCE) == patched
 
 
+def test_names_the_script_imports_as_the_module_does_or_binds_in_functions_are_no_clash():
+    text = FAKE.replace("import torch.nn.functional as F\n", "from torch.nn import functional as F\nimport os, math\n")
+    text = text.replace("def main():\n", "def main():\n    local_attention = ssd_scan = os.environ.get('X')\n")
+    assert patch_host.unpatch(patch_host.patch_text(text, MODULE_SOURCE)) == text
+
+
+@pytest.mark.parametrize("module", ["from __future__ import annotations\n" + MODULE_SOURCE,
+                                    '"""doc"""\nfrom __future__ import annotations\nimport sys\n'])
+def test_a_module_with_a_future_import_is_refused(module):
+    line = module.split("\n").index("from __future__ import annotations") + 1
+    with pytest.raises(patch_host.PatchError, match=rf"^hymba_layer.py line {line}: `from __future__ import ...` cannot be "
+                                                    r"inlined mid-script; remove it \(the module must run without it\)$"):
+        patch_host.patch_text(FAKE, module)
+
+
+def test_a_module_defining_a_builtin_name_is_refused():
+    with pytest.raises(patch_host.PatchError, match=r"^hymba_layer.py defines the builtin name\(s\) open at its top level"):
+        patch_host.patch_text(FAKE, MODULE_SOURCE + "\nopen = None\n")
+
+
 def test_positions_count_characters_where_a_line_has_non_ascii_text_before_the_call():
     text = FAKE.replace("        return flash_attn_3_func(q, k, v, causal=True)",
                         "        note = \"é — ü\"; return flash_attn_3_func(q, k, v, causal=True)")
@@ -281,6 +398,16 @@ def test_positions_count_characters_where_a_line_has_non_ascii_text_before_the_c
      " the inlined module needs it before"),
     ([("import torch.nn.functional as F\n", "")], "`F` (of the attention kernel) is not imported or defined at the top level"),
     ([("def main():\n", "def main():\n    return flash_attn_3_func(q, k, v, causal=True) +\n")], "cannot parse it"),
+    # a top-level name the inlined module defines too: one definition would replace the other
+    ([("\n\ndef main():", "\n\ndef segsum(x):\n    return x\n\n\ndef main():")],
+     "it defines `segsum` (line 38) at its top level, as hymba_layer.py does; inlined as code, one definition would replace"
+     " the other: rename the script's"),
+    ([("import torch.nn.functional as F\n", "import torch.nn.functional as F\nimport math, numpy as nn\n")], "defines `nn` (line 3)"),
+    ([("from torch import nn\n", "from torch import nn\nF = torch.nn.functional\n")], "defines `F` (line 2)"),
+    ([("    model = GPT()\n", "    global ENV_VARS\n    model = GPT()\n")], "defines `ENV_VARS` (line 39)"),
+    ([('if __name__ == "__main__":\n', 'for ssd_scan in ():\n    pass\nif __name__ == "__main__":\n')], "defines `ssd_scan` (line 42)"),
+    ([("from torch import nn\n", "from torch import nn\nfrom os import *\n")],
+     "line 4: `from os import *` binds names that cannot be checked against hymba_layer.py's; import the names it uses"),
 ])
 def test_a_call_the_hooks_cannot_route_exactly_is_refused(tmp_path, edits, looked_for):
     text = FAKE
@@ -322,7 +449,7 @@ def test_a_self_extracting_script_is_patched_inside_and_packed_again_the_same_wa
     assert patch_host.unwrap(text)[0] == FAKE
     patched = patch_host.patch_text(text, MODULE_SOURCE)
     inner, _ = patch_host.unwrap(patched)
-    assert inner == patch_host.patch_source(FAKE, MODULE_SOURCE) and hooks(inner) == FAKE_HOOKS
+    assert inner == patch_host.patch_source(FAKE, MODULE_SOURCE, minify=True) and hooks(inner) == FAKE_HOOKS
     assert patch_host.unpatch(inner) == FAKE
     # only the payload changed, and it unpacks the wrapper's way: same decoder, compressor, format and filters
     before, after = wrapper.split("PAYLOAD")

@@ -2,6 +2,12 @@
 self-extracting wrapper in a function, every model it builds swapped where it is built, the inline attention
 of its test-time-training paths routed with the block's own attention module."""
 import ast
+import base64
+import lzma
+import shutil
+import subprocess
+
+import pytest
 
 from hosts import MODULE_SOURCE, host_text, patch_host
 from test_patch_host import HOOK, calls, host_part
@@ -42,3 +48,19 @@ def test_the_module_goes_right_after_the_kernel_imports():
     begin = source.index(patch_host.BEGIN)
     assert source[:begin].endswith("from flash_attn_interface import (\n    flash_attn_func as flash_attn_3_func,\n    flash_attn_varlen_func,\n)\n")
     assert source[begin:].split(patch_host.END + "\n", 1)[1].startswith("from concurrent.futures import ThreadPoolExecutor\n")
+
+
+def records_code_size(text):
+    """`Code size (compressed)` as the record logs it: its own _compressed_code_size (pyminify, lzma, base85 wrapper)."""
+    record = host_text("record_0429")
+    [step] = [s for s in ast.parse(record).body if isinstance(s, ast.FunctionDef) and s.name == "_compressed_code_size"]
+    namespace = {"subprocess": subprocess, "lzma": lzma, "base64": base64}
+    exec(ast.get_source_segment(record, step), namespace)
+    return namespace["_compressed_code_size"](text)[1]
+
+
+@pytest.mark.skipif(shutil.which("pyminify") is None, reason="the record's code size step runs pyminify (pip install python-minifier)")
+def test_the_records_own_minifier_shrinks_the_inlined_module():
+    added = records_code_size(patched_record()) - records_code_size(host_text("record_0429"))
+    # inlined as a string passed to exec, the module's docstrings and comments were counted: about its source packed
+    assert 0 < added < len(base64.b85encode(lzma.compress(MODULE_SOURCE.encode()))) * 0.7

@@ -7,9 +7,11 @@
 Then `HYMBA_LAYERS=0 torchrun --standalone --nproc_per_node=8 train_gpt.py`; without HYMBA_LAYERS every hook
 passes straight through and the patched script trains exactly as the original. What is added (hymba_layer.py's
 host contract):
-  1. hymba_layer.py itself, as a module built from an inlined copy of its source: right after the last top-level
-     import (or stand-in definition) of the attention kernels the hooks name, and before the first top-level
-     statement that runs the model (one naming GPT or main);
+  1. hymba_layer.py itself, inlined as code between two marker lines, then `hymba_layer = <this script's module>`
+     (so the hooks' hymba_layer.NAME are the inlined definitions): right after the last top-level import (or
+     stand-in definition) of the attention kernels the hooks name, and before the first top-level statement that
+     runs the model (one naming GPT or main). A name both define at the top level (other than by the same import,
+     e.g. `import torch.nn.functional as F`) is refused, naming it: inlined, one definition would replace the other;
   2. every call of an attention kernel inside a function, `KERNEL(q, k, v, ...)`, becomes
      `hymba_layer.hymba_attention(LAYER, KERNEL, q, k, v, ...)` (same arguments, same order). KERNEL is
      F.scaled_dot_product_attention (batch, heads, T, head_dim), flash_attn_3_func / flash_attn_func (FA3,
@@ -21,10 +23,14 @@ host contract):
   3. right after every statement that builds the model, `name = GPT(...)...` (the training model, and the one
      deserialize() loads the artifact into): `hymba_layer.build_and_swap_hymba_layers(name)`.
 The module is inlined, not imported, so the one file the challenge counts ("all code in train_gpt.py") holds
-every byte that runs, and its `Code size` line is honest. A self-extracting script (imports, then one
-`exec(lzma.decompress(base64.b85decode("...")))`; lzma raw or xz, or brotli; base85 or base64) is unpacked,
-patched and packed again the same way. Patching is idempotent (a patched script is updated to the current
-hymba_layer.py), reversible (unpatch() gives the original back byte for byte) and atomic. A script the hooks
+every byte that runs, and its `Code size` line is honest; as code (not a string), a host's own minifier (the
+record's pyminify in _compressed_code_size) shrinks it like the rest of the script. A self-extracting script
+(imports, then one `exec(lzma.decompress(base64.b85decode("...")))`; lzma raw or xz, or brotli; base85 or base64)
+holds code minified already: it is unpacked, patched with the module minified the way the record measures code
+(python-minifier, names kept, docstrings dropped; where it is not installed, docstrings and comments dropped) and
+packed again the same way (--check compares with what this machine writes). Patching is idempotent (a patched
+script is updated to the current hymba_layer.py), reversible (unpatch() gives the original back byte for byte, the
+marker lines delimiting the module) and atomic. A script the hooks
 cannot be made right for (no known kernel in the attention's forward, a kernel call with no layer in scope, a
 masked, windowed or non-causal call, a kernel imported only after the model runs, ...) is refused with one line and left
 byte for byte as it was.
@@ -34,12 +40,15 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import builtins
 import difflib
 import importlib
+import importlib.metadata
 import itertools
 import lzma
 import re
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +57,7 @@ from make_dataset import write_atomic
 MODULE = Path(__file__).resolve().parents[1] / "hymba_layer.py"
 BEGIN = "# ---- hymba_layer.py inlined by tools/patch_host.py (hybrid attention + SSM layers: HYMBA_LAYERS); re-run it to update ----"
 END = "# ---- end of hymba_layer.py ----"
+NAMESPACE = "hymba_layer = __import__('sys').modules[__name__]  # the hooks' hymba_layer.NAME: the definitions above"
 SWAP = "hymba_layer.build_and_swap_hymba_layers({})"
 SWAP_ANY = re.escape(SWAP).replace(r"\{\}", r"\w+")
 HOOK = "hymba_layer.hymba_attention"
@@ -280,11 +290,101 @@ def module_position(tree: ast.Module, at: Positions, kernels: set[str]) -> int:
     return at(end_line + 1, 0) if end_line < len(at.lines) else at.starts[-1] - 1
 
 
-def inline_block(module_source: str) -> str:
-    if "'''" in module_source or module_source.endswith("\\"):
-        raise PatchError(f"{MODULE} cannot be inlined as a raw string (it contains ''' or ends in a backslash)")
-    return (f"{BEGIN}\nimport sys, types\nhymba_layer = types.ModuleType('hymba_layer')\nsys.modules['hymba_layer'] = hymba_layer\n"
-            f"exec(compile(r'''{module_source}''', 'hymba_layer.py', 'exec'), hymba_layer.__dict__)\n{END}\n")
+def top_level_names(tree: ast.Module) -> dict[str, list[tuple]]:
+    """name -> how the script's top level binds it: ("import", what, line) per import of it, ("code", line) per
+    anything else (assignment, definition, loop, `with`, `except ... as`, `global` in a function, ...)."""
+    names = defaultdict(list)
+    scopes = DEFINITIONS + (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    head = a.name.split(".")[0]
+                    names[a.asname or head].append(("import", a.name if a.asname else head, child.lineno))
+            elif isinstance(child, ast.ImportFrom):
+                for a in child.names:
+                    if a.name == "*":
+                        raise PatchError(f"line {child.lineno}: `from {child.module} import *` binds names that cannot"
+                                         " be checked against hymba_layer.py's; import the names it uses")
+                    what = f"{'.' * child.level}{child.module or ''}.{a.name}"
+                    names[a.asname or a.name].append(("import", what, child.lineno))
+            elif isinstance(child, scopes):  # its body is another scope
+                if isinstance(child, DEFINITIONS):
+                    names[child.name].append(("code", child.lineno))
+            else:
+                bound = (child.id if isinstance(child, ast.Name) and not isinstance(child.ctx, ast.Load)
+                         else getattr(child, "name", None) or getattr(child, "rest", None))  # except/match ... as name
+                if isinstance(bound, str):
+                    names[bound].append(("code", child.lineno))
+                visit(child)
+    visit(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            for name in node.names:
+                names[name].append(("code", node.lineno))
+    return names
+
+
+def check_names(host: ast.Module, module: ast.Module) -> None:
+    """Refuse a script whose top level binds a name the module binds too, unless both import the same thing."""
+    ours, theirs = top_level_names(module), top_level_names(host)
+    shadowed = sorted(set(ours) & set(dir(builtins)))
+    if shadowed:
+        raise PatchError(f"{MODULE.name} defines the builtin name(s) {', '.join(shadowed)} at its top level; inlined,"
+                         " they would change the script's meaning")
+    key = lambda binding: binding[:-1]  # without the line
+    clashes = [name for name in sorted(set(ours) & set(theirs))
+               if len({key(b) for b in ours[name] + theirs[name]}) > 1 or ours[name][0][0] != "import"]
+    if clashes:
+        shown = ", ".join(f"`{name}` (line {theirs[name][0][-1]})" for name in clashes)
+        raise PatchError(f"it defines {shown} at its top level, as hymba_layer.py does; inlined as code, one definition"
+                         " would replace the other: rename the script's")
+
+
+def strip_literals(tree: ast.Module) -> ast.Module:
+    """The tree without statements that are only a literal (docstrings), as pyminify --remove-literal-statements."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and all(isinstance(s, ast.stmt) for s in body):
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+            node.body = kept or [ast.Pass()]
+    return tree
+
+
+def module_code(module_source: str, minify: bool = False) -> str:
+    """hymba_layer.py's code as the patch inlines it: as written, or minified for a self-extracting script's payload
+    the way the record's _compressed_code_size measures code (python-minifier: names kept, docstrings dropped), or
+    where python-minifier is not installed, without docstrings and comments (ast)."""
+    tree = parse(module_source)
+    future = next((s for s in tree.body if isinstance(s, ast.ImportFrom) and s.module == "__future__"), None)
+    if future is not None:
+        raise PatchError(f"{MODULE.name} line {future.lineno}: `from __future__ import ...` cannot be inlined"
+                         " mid-script; remove it (the module must run without it)")
+    if minify:
+        try:
+            import python_minifier
+        except ImportError:
+            module_source = ast.unparse(strip_literals(tree))
+        else:
+            module_source = python_minifier.minify(module_source, rename_locals=False, hoist_literals=False,
+                                                   remove_literal_statements=True)
+    return module_source if module_source.endswith("\n") else module_source + "\n"
+
+
+def minifier() -> str:
+    """What minifies the module inlined into a self-extracting script, as the tool reports it."""
+    try:
+        import python_minifier  # noqa: F401
+    except ImportError:
+        return "docstrings and comments dropped (pip install python-minifier for its smaller code)"
+    return f"python-minifier {importlib.metadata.version('python-minifier')}"
+
+
+def inline_block(module_source: str, minify: bool = False) -> str:
+    """The module's code between the marker lines, then the hooks' `hymba_layer`: this script's own module."""
+    namespace = NAMESPACE.split("  #")[0].replace(" = ", "=") if minify else NAMESPACE
+    return f"{BEGIN}\n{module_code(module_source, minify)}{namespace}\n{END}\n"
 
 
 def unpatch(src: str) -> str:
@@ -300,18 +400,19 @@ def unpatch(src: str) -> str:
     return HOOKED.sub(r"\1(", src)
 
 
-def patch_source(src: str, module_source: str) -> str:
-    """The plain (unwrapped) script with the module inlined and the hooks added."""
+def patch_source(src: str, module_source: str, minify: bool = False) -> str:
+    """The plain (unwrapped) script with the module inlined (minified: for a self-extracting script), hooks added."""
     src = unpatch(src)
     if "hymba_layer" in src:
         raise PatchError("it already mentions hymba_layer outside a block this tool wrote (hooks added by hand?); remove them first")
     tree, at = parse(src), Positions(src)
+    check_names(tree, parse(module_source))
     nodes = list(walk(tree))
     classes = attention_classes(tree)
     kernel_edits, kernels = kernel_hooks(src, nodes, at, classes)
     edits = kernel_edits + model_hooks(src, nodes, at)
     at_module = module_position(tree, at, kernels)
-    edits.append((at_module, at_module, inline_block(module_source)))
+    edits.append((at_module, at_module, inline_block(module_source, minify)))
     for start, end, text in sorted(edits, key=lambda e: e[0], reverse=True):  # from the end: offsets stay valid
         src = src[:start] + text + src[end:]
     return src
@@ -442,7 +543,7 @@ def wrap(text: str, wrapper: Wrapper, source: str) -> str:
 
 def patch_text(text: str, module_source: str) -> str:
     source, wrapper = unwrap(text)
-    patched = patch_source(source, module_source)
+    patched = patch_source(source, module_source, minify=wrapper is not None)
     if wrapper is None:
         return patched
     if patched == source:
@@ -487,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(summary_diff(text, patched, args.script.name), end="")
     write_atomic(out, patched.encode("utf-8"))
-    form = "self-extracting" if find_wrapper(text) is not None else "plain"
+    form = f"self-extracting, hymba_layer.py minified: {minifier()}" if find_wrapper(text) is not None else "plain"
     print(f"wrote {out} ({form}): {len(text.encode()):,} -> {len(patched.encode()):,} bytes of counted code")
     return 0
 
