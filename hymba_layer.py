@@ -19,7 +19,9 @@ Host contract - everything this module reads from a host script:
      head_dim); flash_attn_varlen_func on packed (tokens, heads, head_dim) with cu_seqlens_q == cu_seqlens_k,
      causal=True and no window - there the SSM state and conv restart at every segment. The first heads stay
      the host's attention (its kernel; with HYMBA_WINDOW, FA3's window_size or, on SDPA, local_attention),
-     the last HYMBA_SSM_HEADS are SSM heads; the swap refuses a module whose forward does not call it.
+     the last HYMBA_SSM_HEADS are SSM heads; the swap refuses a module whose forward does not call it. K/V
+     arrive with the layer's own KV heads (not repeated); scale/softmax_scale reach both kinds of heads; a
+     kernel's (out, lse) tuple comes back extended; any other keyword is refused in one line.
   3. Routing by name: the host's module-level CONTROL_TENSOR_NAME_PATTERNS (optimizer: Adam and fp32, as
      every challenge host reads it) and INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (root export: kept fp32), where
      they exist, get CONTROL_PATTERNS appended; the host finds them in the module that defines type(model).
