@@ -97,6 +97,32 @@ def test_write_shard_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     assert listing(tmp_path) == []
 
 
+def test_write_atomic_replaces_the_whole_file_and_keeps_its_mode(tmp_path):
+    """patch_host.py writes scripts with it: an executable train_gpt.py stays executable."""
+    path = tmp_path / "train_gpt.py"
+    path.write_text("old")
+    path.chmod(0o751)
+    md.write_atomic(path, b"new ", b"script")
+    assert path.read_bytes() == b"new script" and path.stat().st_mode & 0o7777 == 0o751 and listing(tmp_path) == ["train_gpt.py"]
+    md.write_atomic(tmp_path / "fresh.bin", b"x")  # a new file: the default mode, nothing to copy
+    assert (tmp_path / "fresh.bin").read_bytes() == b"x"
+
+
+def test_builtin_shards_builds_once_then_reuses(tmp_path, monkeypatch, trained):
+    """The demo's and the benchmarks' data: built on the first call (tokenizer given: copied where asked),
+    then reused as it is while the folder holds a val shard."""
+    docs = make_docs(40)
+    monkeypatch.setattr(md, "builtin_corpus", lambda: docs)
+    tok = tmp_path / "given.model"
+    tok.write_bytes(trained.serialized_model_proto())
+    data, tokenizer = md.builtin_shards(tmp_path / "data", tmp_path / "tok" / "t.model", tokenizer=tok)
+    assert tokenizer.read_bytes() == tok.read_bytes() and md.shard_paths(data, "val") and md.shard_paths(data, "train")
+    before = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    monkeypatch.setattr(md, "builtin_corpus", lambda: pytest.fail("rebuilt although the shards are there"))
+    assert md.builtin_shards(data, tokenizer) == (data, tokenizer)
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == before
+
+
 def test_shard_writer_fills_shards_exactly_and_splits_documents(tmp_path):
     writer = md._ShardWriter(tmp_path, "train", shard_tokens=5)
     for doc in ([1, 10, 11], [1, 12, 13, 14], [1, 15, 16, 17, 18]):
