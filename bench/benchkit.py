@@ -1,5 +1,5 @@
 """What the benchmarks share; each bench/*.py imports it first. The one place bench code sets its import
-paths: the repo root (train_gpt.py, hymba_layer.py), tools/ (make_dataset, patch_host, logparse, demo, speedkit)
+paths: the repo root (train_gpt.py, hymba_layer.py), tools/ (make_dataset, patch_host, make_record, logparse, demo)
 and tests/ (host_cpu). Also: where results go, and one training run as a subprocess, reused once finished."""
 from __future__ import annotations
 

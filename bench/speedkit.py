@@ -1,6 +1,5 @@
-"""What bench_gpu.py measures with (bench/bench_speed.py too): interleaved medians, train_gpt.py's whole
-training step on random tokens (baseline or hybrid, eager or compiled, at any sequence length) and ssd_scan's
-inputs and error. A library of bench_gpu.py's, not a command."""
+"""What bench_speed.py measures with: interleaved medians, train_gpt.py's whole training step on random tokens
+(baseline or hybrid, eager or compiled, at any sequence length) and ssd_scan's inputs and error."""
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from benchkit import ROOT  # first: it sets the import paths
+
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the counted files sit in the repo root, beside tools/
-    sys.path.insert(0, str(ROOT))
-import hymba_layer  # noqa: E402
-import train_gpt  # noqa: E402
+import hymba_layer
+import train_gpt
 
 # ----------------------------------------------------------------------------- timing
 
@@ -116,7 +114,7 @@ CHALLENGE = dict(NUM_LAYERS=9, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_M
 GRAD_ACCUM = 8  # train_gpt.py on one process: 8 // WORLD_SIZE micro-batches per step
 
 
-STEP_SHAPES = {  # bench/bench_speed.py adds the benchmark presets' shapes
+STEP_SHAPES = {  # bench_speed.py adds the quality presets' shapes
     "9x512": StepShape(CHALLENGE, GRAD_ACCUM, 64, "the challenge on one GPU, by gradient accumulation"),
     "tiny": StepShape(dict(CHALLENGE, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=64), 2, 2,
                       "a smoke test"),
@@ -143,15 +141,6 @@ def environment(settings: dict):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-# ----------------------------------------------------------------------------- the two GPTs
-
-def step_models() -> dict[str, dict[str, str]]:
-    """The two GPTs whose steps are compared, by name: the baseline (no HYMBA_* settings) and the hybrid
-    (the caller's HYMBA_* settings, with one hybrid layer, block 0, unless HYMBA_LAYERS says otherwise)."""
-    hybrid = {"HYMBA_LAYERS": "0", **hymba_layer.hymba_env()}
-    return {"baseline": {}, f"HYMBA_LAYERS={hybrid['HYMBA_LAYERS']}": hybrid}
 
 
 @dataclass
