@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -155,3 +156,8 @@ def grab(pattern: str, text: str) -> list[tuple[float, ...]]:
     """Every match of `pattern` in `text`, its groups as floats; write {n} for a logged number."""
     found = re.findall(pattern.replace("{n}", NUM), text, flags=re.M)
     return [tuple(float(g) for g in (m if isinstance(m, tuple) else (m,))) for m in found]
+
+
+# torch.compile's default backend (inductor) writes C++ for the CPU: every test that compiles with it carries this
+needs_inductor = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="inductor needs a C++ compiler on the CPU: no g++ or c++ on PATH")

@@ -148,7 +148,6 @@ def test_bad_config_prints_one_line_exits_2_and_writes_nothing(tmp_path, cwd, to
     assert_one_line_error(proc, cwd, *fragments)
 
 
-@pytest.mark.skipif(not (REPO / "hymba_layer.py").is_file(), reason="hymba_layer.py (validates HYMBA_*) is not in the repo yet")
 @pytest.mark.parametrize("settings, named", [
     (dict(HYMBA_LAYERS="x"), "HYMBA_LAYERS='x'"),
     (dict(HYMBA_LAYERS="5"), "HYMBA_LAYERS='5'"),  # NUM_LAYERS=2
