@@ -321,7 +321,8 @@ def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *
     to_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[None]) if packed else (lambda t: t)
     from_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[0]) if packed else (lambda t: t)
     head_axis = 1 if sdpa or packed else 2
-    refuse_kernel_call(kernel, args, kwargs, q.size(head_axis), k.size(head_axis), heads.heads // heads.kv_heads)
+    n_q, n_k = q.size(head_axis), k.size(head_axis)
+    refuse_kernel_call(kernel, args, kwargs, n_q, n_k, heads.heads // heads.kv_heads if heads.kv_heads else n_q // n_k)
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
     q_attn, k_attn, v_attn = (t.narrow(head_axis, 0, n) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv)))
     scale = kwargs.get("scale", kwargs.get("softmax_scale"))
