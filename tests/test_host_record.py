@@ -255,14 +255,21 @@ def hybrid(tmp_path_factory, data_dir):
     return folder, proc.stdout
 
 
-def test_hybrid_record_trains_exports_and_scores(hybrid):
+def test_hybrid_record_trains_exports_and_scores_like_the_plain_record(hybrid, original):
+    """Same data, seed and steps as the unpatched run: the loss drop within 2% of plain's and every score within
+    0.01 bpb of plain's, either way. In 8 steps hybrid layers behind the record's zero-init output projection
+    move little; SSM heads 10x too loud train faster (drop 1.03x, scores 0.026-0.036 lower)."""
     out = hybrid[1]
     swapped = re.findall(r"^hymba:layer (\d) attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:32 ", out, re.M)
     assert swapped == ["1", "3"] * 3  # the training model and each model deserialize() loads (quantized eval, TTT)
-    losses = train_losses(out)
-    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 1.0
-    found = scores(out)
-    assert set(SCORES) <= set(found) and all(math.isfinite(found[label][1]) and 0 < found[label][1] < 4 for label in SCORES)
+    losses, plain_losses = train_losses(out), train_losses(original[1])
+    drop = lambda losses: losses[1] - losses[8]
+    assert sorted(losses) == list(range(1, 9))
+    assert 0.98 < drop(losses) / drop(plain_losses) < 1.02, (losses, plain_losses)  # measured: 2.7105 / 2.7136
+    found, plain = scores(out), scores(original[1])
+    assert set(SCORES) <= set(found)
+    assert {s: round(found[s][1] - plain[s][1], 4) for s in SCORES if not abs(found[s][1] - plain[s][1]) < 0.01} == {}
+    # measured (hybrid - plain): +0.0004 pre-quantization, -0.0009 quantized, -0.0011 phased TTT
 
 
 def test_hybrid_heads_run_in_training_eval_and_every_ttt_path(hybrid):

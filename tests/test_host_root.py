@@ -47,14 +47,25 @@ def test_patched_script_without_hymba_trains_exactly_like_the_original(runs):
     assert "hymba:" not in patched
 
 
-def test_hybrid_run_finishes_with_its_roundtrip_score(runs):
+def final_bpb(out: str) -> tuple[float, float]:
+    """val_bpb before the export (4 decimals) and of the reloaded int8 artifact (8 decimals)."""
+    [(pre_bpb,)] = grab(r"^step:8/8 val_loss:[\d.]+ val_bpb:{n} ", out)
+    [(bpb,)] = grab(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:{n}$", out)
+    return pre_bpb, bpb
+
+
+def test_hybrid_run_learns_like_the_plain_run_and_finishes_with_its_roundtrip_score(runs):
+    """Same data, seed and steps as the unpatched run: the loss drop within 10% of plain's; the final score
+    below plain's (the hybrid heads help per step) by less than 0.06 bpb (more is a leak: conv taps that read
+    the next token give 0.083); the int8 roundtrip gap within 5x of the largest the log's 4 decimals show."""
     folder, out = runs["hybrid"]
     assert re.findall(r"^hymba:layer (\d) attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:16 chunk:64 conv:2 ", out, re.M) == ["0", "1"]
-    losses = dict(grab(r"^step:(\d+)/8 train_loss:{n} ", out))
-    assert losses[8] < losses[1] - 0.5  # it learns (measured: 6.24 -> 5.2)
-    [(bpb,)] = grab(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:{n}$", out)
-    [(pre_bpb,)] = grab(r"^step:8/8 val_loss:[\d.]+ val_bpb:{n} ", out)
-    assert abs(bpb - pre_bpb) < 0.02  # the reloaded int8 artifact scores like the trained model
+    losses, plain = (dict(grab(r"^step:(\d+)/8 train_loss:{n} ", runs[name][1])) for name in ("hybrid", "original"))
+    drop = lambda losses: losses[1] - losses[8]
+    assert 0.9 < drop(losses) / drop(plain) < 1.1, (losses, plain)  # measured: 1.7134 / 1.6542 = 1.036
+    (pre_bpb, bpb), (_, plain_bpb) = final_bpb(out), final_bpb(runs["original"][1])
+    assert -0.06 < bpb - plain_bpb < 0, (bpb, plain_bpb)  # measured: 3.32985382 - 3.37171853 = -0.0419
+    assert abs(bpb - pre_bpb) < 5e-4  # measured: 3.32985382 - 3.3298 (at most 1e-4 in the runs seen)
     # the counted code is the one file that ran, module included
     [(code_bytes,)] = grab(r"^Code size: {n} bytes", out)
     assert code_bytes == len((folder / "train_gpt.py").read_bytes())

@@ -79,11 +79,13 @@ def test_artifact_holds_int8_mlp_matrices_and_fp32_control_tensors(run):
     assert container["passthrough"]["tok_emb.weight"].dtype == torch.float16  # 512 x 96 fits the passthrough limit
 
 
-def test_roundtrip_val_bpb_is_within_0_02_of_the_last_pre_export_value(run):
+def test_roundtrip_val_loss_and_bpb_are_within_0_0005_of_the_last_pre_export_values(run):
+    """5x the largest gap observed at the pre-export line's 4 decimals (0.0001): int8 per-row export barely
+    moves a 40-step model."""
     [(pre_loss, pre_bpb)] = grab(rf"^step:{ITERATIONS}/{ITERATIONS} val_loss:{{n}} val_bpb:{{n}} ", run["log"])
     [(q_loss, q_bpb)] = grab(r"^final_int8_zlib_roundtrip val_loss:{n} val_bpb:{n} eval_time:\d+ms$", run["log"])
     [(exact_loss, exact_bpb)] = grab(r"^final_int8_zlib_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", run["log"])
-    assert abs(exact_bpb - pre_bpb) < 0.02 and abs(exact_loss - pre_loss) < 0.03
+    assert abs(exact_bpb - pre_bpb) < 5e-4 and abs(exact_loss - pre_loss) < 5e-4  # measured: -9e-5 and -1e-4
     assert abs(exact_loss - q_loss) <= 5.1e-5 and abs(exact_bpb - q_bpb) <= 5.1e-5  # same numbers, 4 vs 8 decimals
 
 
