@@ -16,20 +16,21 @@ from conftest import REPO, clean_env, tiny_config
 from hosts import host_env, write_script
 from test_host_record import TINY, data_dir  # noqa: F401 (the record's tiny shape; data_dir: its sp8192 data, a fixture)
 
-# a fake training script: each family's train lines, 20 ms per step plain and 30 ms hybrid, then the peak line, then an
-# "export" that never ends (the tool must stop it); it writes its pid to $PID_FILE, and logs a hymba:layer line if PATCHED
+# a fake training script: each family's train lines, 500 ms per step up to step SLOW (as if compiling), then 20 ms per step
+# plain and 30 ms hybrid, then the peak line, then an "export" that never ends (the tool must stop it); it writes its pid
+# to $PID_FILE, and logs a hymba:layer line if PATCHED
 FAKE = textwrap.dedent('''
     import os, time
     n, hybrid = int(os.environ["ITERATIONS"]), "HYMBA_LAYERS" in os.environ
     open(os.environ["PID_FILE"], "a").write(f"{os.getpid()}\\n")
     if hybrid and PATCHED:
         print(f"hymba:layer {os.environ['HYMBA_LAYERS']} attn_heads:4 ssm_heads:4 kv_heads:4 head_dim:64 chunk:64 conv:4 window:0 params:198")
-    print("  train_batch_tokens: 4096" if TOKS else "train_batch_tokens:4096 train_seq_len:128 iterations:40")
+    print("  train_batch_tokens: 786432" if TOKS else "train_batch_tokens:786432 train_seq_len:2048 iterations:40")
     ms = 0.0
     for step in range(1, n + 1):
-        ms += 30.0 if hybrid else 20.0
+        ms += 500.0 if step <= SLOW else 30.0 if hybrid else 20.0
         if TOKS:
-            print(f"{step}/{n} train_loss: 5.0000 train_time: {ms / 60000:.1f}m tok/s: {step * 4096 / (ms / 1000):.0f}")
+            print(f"{step}/{n} train_loss: 5.0000 train_time: {ms / 60000:.1f}m tok/s: {step * 786432 / (ms / 1000):.0f}")
         else:
             print(f"step:{step}/{n} train_loss:5.0000 train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
     print("peak memory allocated: 100 MiB reserved: 120 MiB", flush=True)
@@ -37,9 +38,9 @@ FAKE = textwrap.dedent('''
 ''')
 
 
-def fake(tmp_path, *, patched=True, toks=False, stall=600, name="train_gpt.py"):
+def fake(tmp_path, *, patched=True, toks=False, stall=600, slow=0, name="train_gpt.py"):
     path = tmp_path / name
-    path.write_text(f"PATCHED, TOKS, STALL = {patched}, {toks}, {stall}\n" + FAKE)
+    path.write_text(f"PATCHED, TOKS, STALL, SLOW = {patched}, {toks}, {stall}, {slow}\n" + FAKE)
     return path
 
 
@@ -65,7 +66,7 @@ def test_reads_each_familys_step_lines_and_stops_the_run_before_its_export(tmp_p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PID_FILE", str(tmp_path / "pids"))
     t0 = time.monotonic()
-    assert bench_gpu.main([str(fake(tmp_path, toks=toks)), "--device", "cpu", "--layers", "3", "--iterations", "12", "--skip", "4",
+    assert bench_gpu.main([str(fake(tmp_path, toks=toks, slow=8)), "--device", "cpu", "--layers", "3", "--iterations", "12", "--skip", "8",
                            "--rounds", "2", "--out", str(tmp_path / "out.md")]) == 0
     assert time.monotonic() - t0 < 60  # four runs that would each sleep 600 s in their "export"
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
@@ -74,10 +75,11 @@ def test_reads_each_familys_step_lines_and_stops_the_run_before_its_export(tmp_p
     assert capsys.readouterr().out.startswith(text)
     rows = table(text)
     assert [(r["run"], r["round"]) for r in rows] == [("plain", "1"), ("HYMBA_LAYERS=3", "1"), ("plain", "2"), ("HYMBA_LAYERS=3", "2")]
-    assert [float(r["step ms"]) for r in rows] == [20.0, 30.0] * 2
-    assert [r["tokens/s"] for r in rows] == ["204,800", "136,533"] * 2  # 4096 tokens per step
+    assert [float(r["step ms"]) for r in rows] == [20.0, 30.0] * 2  # steps 1-8 (500 ms each) left out by --skip
+    rates = [float(r["tokens/s"].replace(",", "")) for r in rows]  # 786,432 tokens per step; tok/s is logged rounded
+    assert all(abs(rate / expected - 1) < 1e-4 for rate, expected in zip(rates, [786432 / 0.020, 786432 / 0.030] * 2)), rates
     assert all(r["peak MiB"] == "-" for r in rows)  # --device cpu: no CUDA peak
-    assert ratio(text) == 1.5 and "(medians over 2 rounds)" in text and "median over steps 5..12" in text
+    assert ratio(text) == 1.5 and "(medians over 2 rounds)" in text and "median over steps 9..12" in text
 
 
 def test_unpatched_script_is_refused(tmp_path, monkeypatch, capsys):
@@ -102,7 +104,9 @@ def test_run_that_stalls_is_stopped_at_the_timeout(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("PID_FILE", str(tmp_path / "pids"))
     script = tmp_path / "stall.py"
     script.write_text("import os, time\nopen(os.environ['PID_FILE'], 'w').write(str(os.getpid()))\nprint('compiling', flush=True)\ntime.sleep(600)\n")
+    t0 = time.monotonic()
     assert bench_gpu.main([str(script), "--device", "cpu", "--iterations", "4", "--skip", "1", "--timeout", "3"]) == 2
+    assert time.monotonic() - t0 < 15  # 3 s, and up to 10 s for SIGTERM, which a sleeping Python obeys at once
     assert "no end of training within --timeout 3 s; last line: compiling" in capsys.readouterr().err
     assert not alive(int((tmp_path / "pids").read_text()))
 

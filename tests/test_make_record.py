@@ -416,11 +416,16 @@ def test_record_logs_make_a_folder_in_the_records_schema(record_work):
     assert "In this family that does not show that the runs were plain" in readme
 
 
-def test_record_logs_are_read_with_the_source_block_skipped(record_logs):
-    """The record logs its whole source (the inlined module's docstrings included) between two separators:
-    nothing in it is read as a log line."""
-    run = make_record.read_runs([str(p) for p in record_logs[1]], gpu="cpu")[0]
+def test_record_logs_are_read_with_the_source_block_skipped(record_logs, tmp_path):
+    """The record logs its whole source between two separators: nothing in it is read as a log line, not even a
+    line of a docstring that looks like one (here a score and a hymba:layer line put at the top of the source)."""
+    log = tmp_path / "s1337.txt"
+    lookalikes = "diagnostic quantized val_loss:1.0 val_bpb:0.5 eval_time:1ms\nhymba:layer 7 attn_heads:1 ssm_heads:1 kv_heads:1\n"
+    log.write_text(record_logs[1][0].read_text(encoding="utf-8").replace("Source code:\n" + "=" * 100 + "\n",
+                                                                         "Source code:\n" + "=" * 100 + "\n" + lookalikes, 1))
+    run = make_record.read_runs([str(log)], gpu="cpu")[0]
     assert run["family"] == "record" and run["score_label"] == "quantized_ttt_phased" and run["seed"] == 1337
+    assert run["hymba_layers"] == [] and run["hymba"] == []
     assert [label for label, *_ in run["scores"]] == ["diagnostic pre-quantization post-ema", "diagnostic quantized", "quantized_ttt_phased"]
     assert run["code_bytes_uncompressed"] == len(record_logs[0].read_bytes())
 

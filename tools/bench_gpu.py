@@ -64,7 +64,8 @@ def run_once(cmd: list[str], env: dict[str, str], iterations: int, timeout: floa
     cumulative: dict[int, float] = {}  # step -> training ms so far
     found = {"hymba": 0, "tokens": None, "peak": None, "toks": {}}
     tail: deque[str] = deque(maxlen=12)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: torchrun's workers go with it
+    # its own process group, so that stopping it stops torchrun's workers too
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         for line in read_lines(proc, deadline):

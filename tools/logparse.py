@@ -60,9 +60,9 @@ def parse_log(path: str | Path) -> dict:
     """Numbers of one run. Keys always present: `family`, `val` [(step, val_loss, val_bpb, train_ms)],
     `train` [(step, train_loss, train_ms)], `iterations`, `scores` [(label, val_loss, val_bpb, eval_ms)],
     `hparams` {name: text}; the FIELDS keys when their line was logged (hymba_layers: a list of the
-    swapped layer indices, hymba_lines their `hymba:layer` lines, each once). A pr1493 log's own lines are filed under the same keys (seed, world_size,
-    train_shards, val_tokens; val lines carry train_ms None), and where no `device:` line was logged,
-    `device` is the GPU the nvidia-smi table names."""
+    swapped layer indices, hymba_lines their `hymba:layer` lines, each once). A pr1493 or record log's own
+    lines are filed under the same keys (seed, world_size, train_shards, val_tokens; val lines carry
+    train_ms None), and where no `device:` line was logged, `device` is the GPU the nvidia-smi table names."""
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     if SEPARATOR in lines:
         lines = lines[lines.index(SEPARATOR) + 1 :]
@@ -106,7 +106,8 @@ def parse_log(path: str | Path) -> dict:
                 else:
                     out[key] = value
                 break
-    out["family"] = ("record" if RECORD_HPARAM in out["hparams"] else "pr1493") if out["hparams"] else "train_gpt" if "device" in out else "root"
+    hparam_family = "record" if RECORD_HPARAM in out["hparams"] else "pr1493"
+    out["family"] = hparam_family if out["hparams"] else "train_gpt" if "device" in out else "root"
     if out["family"] in ("pr1493", "record"):
         file_pr1493_lines(out)
     if "device" not in out and "gpu" in out:
