@@ -12,9 +12,9 @@ loudly instead of silently running something else. A probe writes which paramete
 holds to optimizer_groups.json. Run the copy with TORCHDYNAMO_DISABLE=1 (no compile on CPU).
 
 The record (`--host record`, plain source) also gets, in the copy only: `flash_attn_3_func` and
-`flash_attn_varlen_func` as SDPA stand-ins with FA3's keyword API (the varlen one exact per segment of
-`cu_seqlens`, empty padding segments skipped); a `triton` stub whose kernels raise if launched, with both
-Triton paths off (`FUSED_CE_ENABLED` forced to 0, `MLP.use_fused` False); no pinned memory, unfused AdamW,
+`flash_attn_varlen_func` as SDPA stand-ins with FA3's keyword API (the varlen one with a block-diagonal
+causal mask from `cu_seqlens`, built on the device: it compiles whole); a `triton` stub whose kernels raise
+if launched, with both Triton paths off (`FUSED_CE_ENABLED` forced to 0, `MLP.use_fused` False); no pinned memory, unfused AdamW,
 gloo; and, where `pyminify` is not installed, its code-size step counts the unminified code (it logs
 so). Each of its swaps must match a fixed number of times. It needs no Python 3.12 swap (it compiles
 on 3.11), and it reads no wrapper (`unwrap` is only for the self-extracting hosts). Swaps never touch
@@ -43,21 +43,27 @@ FA3_ON_SDPA = ("def flash_attn_3_func(q, k, v, causal=True):  # (batch, T, heads
                " enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)\n")
 
 # the record's FlashAttention 3 imports, as stand-ins with FA3's keyword API (the objects a patched host hands
-# to hymba_layer as its kernels): packed varlen attention is exact per segment [cu[i], cu[i+1]), where the
-# host pads cu_seqlens by repeating the total (empty segments)
+# to hymba_layer as its kernels). Packed varlen attention never crosses a segment [cu[i], cu[i+1]) (the host pads
+# cu_seqlens by repeating the total: empty segments): one block-diagonal causal mask built from cu_seqlens on the
+# device, so the record's model compiles whole (fullgraph=True) with it; the checks that need cu_seqlens' values
+# on the host run in eager only. The mask is tokens x tokens: test sizes.
 VARLEN_ON_SDPA = (
     "def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, window_size=(-1, -1)):\n"
     "    # packed (tokens, heads, head_dim), as FA3; attention never crosses a segment\n"
-    "    cu = cu_seqlens_q.tolist()\n"
-    "    if tuple(window_size) != (-1, -1) or cu != cu_seqlens_k.tolist() or cu[0] != 0 or cu[-1] != q.size(0) or cu != sorted(cu):\n"
-    "        raise ValueError(f'CPU stand-in: unsupported varlen call (window {window_size}, cu_seqlens {cu[:8]}..., {q.size(0)} tokens)')\n"
-    "    out = []\n"
-    "    for s, e in zip(cu, cu[1:]):\n"
-    "        if e > s:\n"
-    "            assert e - s <= max_seqlen_q, f'segment of {e - s} tokens > max_seqlen {max_seqlen_q}'\n"
-    "            qs, ks, vs = (t[None, s:e].transpose(1, 2) for t in (q, k, v))  # (1, heads, len, head_dim)\n"
-    "            out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=ks.size(1) != qs.size(1))[0].transpose(0, 1))\n"
-    "    return torch.cat(out)\n")
+    "    T = q.size(0)\n"
+    "    if tuple(window_size) != (-1, -1):\n"
+    "        raise ValueError(f'CPU stand-in: unsupported varlen call (window {window_size}; only (-1, -1))')\n"
+    "    if not torch.compiler.is_compiling():  # eager: checks that read cu_seqlens on the host\n"
+    "        cu = cu_seqlens_q.tolist()\n"
+    "        if cu != cu_seqlens_k.tolist() or cu[0] != 0 or cu[-1] != T or cu != sorted(cu):\n"
+    "            raise ValueError(f'CPU stand-in: unsupported varlen call (cu_seqlens {cu[:8]}..., {T} tokens)')\n"
+    "        longest = max(e - s for s, e in zip(cu, cu[1:]))\n"
+    "        assert longest <= max_seqlen_q, f'segment of {longest} tokens > max_seqlen {max_seqlen_q}'\n"
+    "    seg = torch.zeros(T + 1, dtype=torch.int32, device=q.device).scatter(0, cu_seqlens_q.long(), 1)[:T].cumsum(0)  # segment of each token\n"
+    "    pos = torch.arange(T, device=q.device)\n"
+    "    mask = (seg[:, None] == seg[None, :]) & ((pos[:, None] >= pos[None, :]) | (not causal))  # (query, key)\n"
+    "    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, tokens, head_dim)\n"
+    "    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=ks.size(1) != qs.size(1))[0].transpose(0, 1)\n")
 FA3_STANDINS = FA3_ON_SDPA + VARLEN_ON_SDPA
 # `import triton` in the copy: no Triton needed, and a launched kernel fails loudly (both paths are off)
 NO_TRITON = (
