@@ -413,7 +413,8 @@ def host_attention(model: nn.Module, i: int) -> nn.Module:
 def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
     """Make model.blocks[i].attn hybrid for each i in HYMBA_LAYERS and return those indices; without
     HYMBA_LAYERS, change nothing and return []. A layer that is already hybrid is left as it is. Logs one line
-    per layer (rank 0)."""
+    per layer through `log`, else the host module's own function `log` (so the line reaches its log file), else
+    print on rank 0."""
     env = hymba_env()
     if "HYMBA_LAYERS" not in env:
         if env:
@@ -422,8 +423,11 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
         return []
     first = host_attention(model, 0)
     cfg = HymbaConfig.from_env(first.num_heads, first.num_kv_heads, len(model.blocks))
-    if log is None:
-        log = print if os.environ.get("RANK", "0") == "0" else (lambda line: None)
+    host = vars(sys.modules[type(model).__module__])
+    if log is None:  # the host's own module-level log(msg) (the record families': rank 0, into its log file)
+        own = host.get("log")
+        log = own if getattr(own, "__module__", None) == type(model).__module__ else \
+            print if os.environ.get("RANK", "0") == "0" else (lambda line: None)
     device = next(model.parameters()).device
     for i in cfg.layers:
         attn = host_attention(model, i)
@@ -434,5 +438,5 @@ def build_and_swap_hymba_layers(model: nn.Module, log=None) -> list[int]:
         log(f"hymba:layer {i} attn_heads:{attn.num_heads - cfg.ssm_heads} ssm_heads:{cfg.ssm_heads} "
             f"kv_heads:{attn.num_kv_heads} head_dim:{attn.head_dim} chunk:{cfg.scan_chunk} conv:{cfg.conv} "
             f"window:{cfg.window} params:{params}")
-    extend_host_patterns(vars(sys.modules[type(model).__module__]))
+    extend_host_patterns(host)
     return list(cfg.layers)

@@ -5,6 +5,8 @@ HYMBA_* env var checks."""
 import io
 import math
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -367,6 +369,23 @@ def test_swap_adds_only_the_dynamics_logs_and_is_idempotent(monkeypatch):
     assert lines == [f"hymba:layer {i} attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:8 chunk:64 conv:4 window:0 params:54" for i in (1, 3)]
     heads = model.blocks[1].attn.hymba
     assert build_and_swap_hymba_layers(model, lines.append) == [1, 3] and model.blocks[1].attn.hymba is heads
+
+
+@pytest.mark.parametrize("own_log", [True, False], ids=["host_log", "imported_log"])
+def test_layer_lines_go_through_the_host_modules_own_log(monkeypatch, capsys, own_log):
+    """Called without `log` (as the patcher calls it), the swap writes its lines through the host module's own
+    log(msg) - the record families' function that also writes their log file, where make_record reads the
+    hybrid settings - and falls back to print when the module's `log` is not its own (math.log imported)."""
+    host = types.ModuleType("fake_host")
+    monkeypatch.setitem(sys.modules, "fake_host", host)
+    own = "lines = []\ndef log(msg, console=True):\n    lines.append(msg)\n" if own_log else "from math import log\n"
+    exec(own + "import train_gpt\nclass GPT(train_gpt.GPT):\n    pass\n", host.__dict__)
+    monkeypatch.setenv("HYMBA_LAYERS", "1")
+    model = host.GPT(VOCAB, LAYERS, DIM, HEADS, KV_HEADS, 2, True, 0.005, 30.0, 10000.0, 1.5)
+    assert build_and_swap_hymba_layers(model) == [1]
+    printed = capsys.readouterr().out.splitlines()
+    expected = ["hymba:layer 1 attn_heads:2 ssm_heads:2 kv_heads:2 head_dim:8 chunk:64 conv:4 window:0 params:54"]
+    assert (host.lines, printed) == (expected, []) if own_log else printed == expected
 
 
 def test_control_patterns_route_exactly_the_dynamics_tensors(monkeypatch):
