@@ -412,8 +412,8 @@ def test_record_logs_make_a_folder_in_the_records_schema(record_work):
     assert "| seed | `diagnostic pre-quantization post-ema` | `diagnostic quantized` | `quantized_ttt_phased` |" in readme
     assert f"| 42 | {pre[1]:.8f} | " in readme and f" | {ttt[1]:.8f} |\n" in readme
     assert "recomputed as the record computes it (pyminify, then lzma and base85)" in readme or "was not recomputed" in readme
-    # the record's log file does not carry the module's console lines, so the README cannot say the runs were plain
-    assert "In this family that does not show that the runs were plain" in readme
+    # the module's layer lines reach the record's own log file (its log()), so the settings are the logged ones
+    assert sub["hymba_layers"] == [1] and "\nhymba:layer 1 attn_heads:" in readme
 
 
 def test_record_logs_are_read_with_the_source_block_skipped(record_logs, tmp_path):
@@ -425,7 +425,7 @@ def test_record_logs_are_read_with_the_source_block_skipped(record_logs, tmp_pat
                                                                          "Source code:\n" + "=" * 100 + "\n" + lookalikes, 1))
     run = make_record.read_runs([str(log)], gpu="cpu")[0]
     assert run["family"] == "record" and run["score_label"] == "quantized_ttt_phased" and run["seed"] == 1337
-    assert run["hymba_layers"] == [] and run["hymba"] == []
+    assert run["hymba_layers"] == [1] and not any("hymba:layer 7" in line for line in run["hymba"])  # the run's own line only
     assert [label for label, *_ in run["scores"]] == ["diagnostic pre-quantization post-ema", "diagnostic quantized", "quantized_ttt_phased"]
     assert run["code_bytes_uncompressed"] == len(record_logs[0].read_bytes())
 

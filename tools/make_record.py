@@ -176,10 +176,6 @@ def hybrid_section(runs: list[dict]) -> str:
     if lines:
         return ("Hybrid attention+SSM heads (`hymba_layer.py`), as every log reports them, one line per hybrid layer:\n\n```\n"
                 + "\n".join(lines) + "\n```")
-    if runs[0]["family"] == "record":  # its log file holds what its log() writes; the module prints to the console
-        return ("The logs have no `hymba:layer` line. In this family that does not show that the runs were plain: the record's "
-                "log file holds what its own `log()` writes, and `hymba_layer.py` prints its `hymba:layer` lines to the console "
-                "only. If the runs set `HYMBA_LAYERS`, state the `HYMBA_*` settings here.")
     return "The logs have no `hymba:layer` line: the runs had no hybrid layers (`HYMBA_LAYERS` unset)."
 
 
