@@ -453,7 +453,7 @@ def test_train_gpt_trains_and_exports_a_hybrid_model(dataset, tmp_path):
         assert container["passthrough"][key].dtype == torch.float32 and torch.equal(container["passthrough"][key], final[key]), key
     [(pre_bpb,)] = grab(r"^step:40/40 val_loss:[\d.]+ val_bpb:{n} ", log)
     [(q_bpb,)] = grab(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:{n}$", log)
-    assert abs(q_bpb - pre_bpb) < 0.02
+    assert abs(q_bpb - pre_bpb) < 2.5e-3  # observed 5.1e-4 (5x); an int4-step export misses it
 
 
 # ----------------------------------------------------------------------------- what only a GPU run reaches, on the CPU
