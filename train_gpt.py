@@ -421,8 +421,24 @@ def is_control(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- optimizers
 
+def newton_schulz_fp32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
+    """torch.optim.Muon's orthogonalization (torch.optim._muon._zeropower_via_newtonschulz) in fp32 instead of bf16:
+    a CPU without bf16 matmul units runs the bf16 iteration ~25x slower (RESULTS.md). CUDA keeps torch's bf16."""
+    a, b, c = ns_coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.float().mT if tall else grad.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.mT
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) -> list[torch.optim.Optimizer]:
-    """Muon for block matrices; Adam for the embedding, an untied head, and vectors/control tensors."""
+    """Muon for block matrices (orthogonalized in fp32 on a CPU); Adam for the embedding, an untied head, and
+    vectors/control tensors."""
+    if device.type == "cpu":
+        torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
     block_params = list(model.blocks.named_parameters())
     matrices = [p for n, p in block_params if p.ndim == 2 and not is_control(n)]
     scalars = [p for n, p in block_params if p.ndim != 2 or is_control(n)] + [model.skip_weights]

@@ -156,3 +156,38 @@ def test_a_torch_without_muon_is_refused_at_start_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "train_gpt.py: error: torch 2.8.0+cu128 is too old: train_gpt.py needs torch >= 2.9 (torch.optim.Muon)"]
     assert not any(tmp_path.iterdir())  # no logs/ written
+
+
+def newton_schulz_fp64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic iteration X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation, in float64."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.double().T if g.size(0) > g.size(1) else g.double()
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if g.size(0) > g.size(1) else x).float()
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_cpu_newton_schulz_is_torchs_iteration_in_fp32(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    out = train_gpt.newton_schulz_fp32(g, NS_COEFFICIENTS, 5, 1e-7)
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert (out - newton_schulz_fp64(g)).abs().max() < 1e-5  # fp32 rounding only
+    assert (out - newton_schulz(g)).abs().max() < 0.03  # torch's bf16 iteration, within its rounding
+    assert (newton_schulz(g) - newton_schulz_fp64(g)).abs().max() > 1e-3  # which the fp32 bound would catch
+
+
+def test_muon_on_cpu_steps_with_the_fp32_orthogonalization(hparams):
+    """build_optimizers on a CPU makes torch.optim.Muon orthogonalize in fp32 (the bf16 matmuls cost ~25x there):
+    the first step is lr * NS5(grad) to fp32 precision, far tighter than bf16's ~2%."""
+    model, args = tiny_gpt(hparams)
+    optimizers = train_gpt.build_optimizers(model, args, CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = synthetic_grads(model, 1)
+    step_with(model, optimizers, grads)
+    for n, p in model.named_parameters():
+        if n in MATRICES:
+            step = 0.04 * math.sqrt(max(1, p.shape[0] / p.shape[1]))
+            assert torch.allclose(p.detach() - before[n], -step * newton_schulz_fp64(grads[n]), rtol=0, atol=1e-5 * step), n
