@@ -422,8 +422,8 @@ def is_control(name: str) -> bool:
 # ----------------------------------------------------------------------------- optimizers
 
 def newton_schulz_fp32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
-    """torch.optim.Muon's orthogonalization (torch.optim._muon._zeropower_via_newtonschulz) in fp32 instead of bf16:
-    a CPU without bf16 matmul units runs the bf16 iteration ~25x slower (RESULTS.md). CUDA keeps torch's bf16."""
+    """torch.optim.Muon's orthogonalization (torch.optim._muon._zeropower_via_newtonschulz) in fp32 instead of bf16,
+    for a CPU without bf16 matmul units, where bf16 is emulated and ~25x slower (RESULTS.md, "Muon on a CPU")."""
     a, b, c = ns_coefficients
     tall = grad.size(0) > grad.size(1)
     x = grad.float().mT if tall else grad.float()
@@ -435,9 +435,9 @@ def newton_schulz_fp32(grad: Tensor, ns_coefficients: tuple[float, float, float]
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) -> list[torch.optim.Optimizer]:
-    """Muon for block matrices (orthogonalized in fp32 on a CPU); Adam for the embedding, an untied head, and
-    vectors/control tensors."""
-    if device.type == "cpu":
+    """Muon for block matrices (orthogonalized in fp32 on a CPU without bf16 units); Adam for the embedding, an untied
+    head, and vectors/control tensors."""
+    if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
         torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
     block_params = list(model.blocks.named_parameters())
     matrices = [p for n, p in block_params if p.ndim == 2 and not is_control(n)]

@@ -40,6 +40,9 @@ PRESETS = {
     # 200/400/800-step curve on 2 cores (RESULTS.md)
     "l9": dict(NUM_LAYERS=9, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=128,
                TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=50),
+    # the attribution table's model: the challenge's head size (64) and KV grouping (2 query heads per KV head)
+    "attr": dict(NUM_LAYERS=4, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
+                 TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, ITERATIONS=200, WARMDOWN_ITERS=50, VAL_LOSS_EVERY=50),
     "smoke": dict(NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=64,
                   TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=8192, ITERATIONS=6, WARMDOWN_ITERS=2, VAL_LOSS_EVERY=3),
 }
@@ -63,6 +66,23 @@ CONFIGS = {
     "l9_layer4": dict(NUM_LAYERS=9, HYMBA_LAYERS="4"),
     # long context (books, equal time): the plain model at 256 and 1024 tokens against windowed hybrids at 4-8x
     # (T=2048 needs 8 x 2048 tokens per step: the preset's 8,192 is not a multiple)
+    # attribution (preset attr; BENCH_HEADS runs bench/attribution_heads.py's head forms): each SSM row is paired
+    # with the plain model and with the control, the same taps on softmax heads' values
+    "a_baseline": {},
+    "a_control": dict(HYMBA_LAYERS="0", BENCH_HEADS="control"),
+    "a_ssm_notaps": dict(HYMBA_LAYERS="0", HYMBA_CONV="0"),
+    "a_ssm": dict(HYMBA_LAYERS="0"),
+    "a_parallel": dict(HYMBA_LAYERS="0", BENCH_HEADS="parallel"),
+    "a_parallel_notaps": dict(HYMBA_LAYERS="0", HYMBA_CONV="0", BENCH_HEADS="parallel"),
+    "a_ssm_mid": dict(HYMBA_LAYERS="2"),
+    "a_ssm_last": dict(HYMBA_LAYERS="3"),
+    "a_ssm_all": dict(HYMBA_LAYERS="0,1,2,3"),
+    "a_control_all": dict(HYMBA_LAYERS="0,1,2,3", BENCH_HEADS="control"),
+    # 1/4 vs 1/2 of the heads needs one KV head per query head (SSM heads take whole KV groups)
+    "m_baseline": dict(NUM_KV_HEADS=4),
+    "m_control": dict(NUM_KV_HEADS=4, HYMBA_LAYERS="0", HYMBA_SSM_HEADS="1", BENCH_HEADS="control"),
+    "m_ssm_quarter": dict(NUM_KV_HEADS=4, HYMBA_LAYERS="0", HYMBA_SSM_HEADS="1"),
+    "m_ssm_half": dict(NUM_KV_HEADS=4, HYMBA_LAYERS="0", HYMBA_SSM_HEADS="2"),
     "ctx_baseline": dict(TRAIN_SEQ_LEN=256),
     "ctx_t1024": dict(TRAIN_SEQ_LEN=1024),
     "ctx_layer0": dict(TRAIN_SEQ_LEN=256, HYMBA_LAYERS="0"),
@@ -80,7 +100,8 @@ def build_data(cache: Path) -> tuple[Path, Path]:
 
 
 def run_one(name: str, seed: int, env: dict, out: Path, reuse: bool) -> dict:
-    run = train_run(ROOT / "train_gpt.py", out / "runs" / f"{name}_s{seed}", {**env, "SEED": seed}, f"{name} seed {seed}",
+    script = ROOT / "bench" / "attribution_heads.py" if "BENCH_HEADS" in env else ROOT / "train_gpt.py"
+    run = train_run(script, out / "runs" / f"{name}_s{seed}", {**env, "SEED": seed}, f"{name} seed {seed}",
                     finished=lambda run: reuse and "roundtrip_exact" in run)
     return {"config": name, "seed": seed, "curve": run["val"], "params": run["model_params"], **final_numbers(run)}
 
@@ -91,10 +112,12 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def reference(name: str, names: list[str]) -> str:
-    """What a configuration is compared with: for an option ablation (HYMBA_* settings only), the
-    configuration with just its HYMBA_LAYERS (layer0_conv4 -> layer0); for a family
-    with its own baseline, that one (l9_layer4 -> l9_baseline); else `baseline`, else the first."""
-    env = CONFIGS.get(name, {})
+    """What a configuration is compared with: for a family with its own baseline, that one (l9_layer4 ->
+    l9_baseline); for an option ablation (HYMBA_* settings only), the configuration with just its HYMBA_LAYERS
+    (layer0_conv4 -> layer0); else `baseline`, else the first."""
+    env, family = CONFIGS.get(name, {}), name.split("_")[0] + "_baseline"
+    if family in names and family != name:
+        return family
     if len(env) > 1 and all(k.startswith("HYMBA_") for k in env):
         plain = [n for n in names if CONFIGS.get(n) == {"HYMBA_LAYERS": env.get("HYMBA_LAYERS")}]
         if plain:
@@ -115,26 +138,37 @@ def summarize(runs: list[dict], names: list[str]) -> list[dict]:
         ref_name = reference(n, names)
         ref = by[ref_name]
         paired = [r["val_bpb"] - ref[s]["val_bpb"] for s, r in rs.items() if s in ref]
+        control = n.split("_")[0] + "_control"  # a family's control row, where it has one
+        vs_control = [r["val_bpb"] - by[control][s]["val_bpb"] for s, r in rs.items()
+                      if control in by and control != n and n != ref_name and s in by[control]]
         rows.append(dict(config=n, reference=ref_name, seeds=len(rs), params=next(iter(rs.values()))["params"],
                          bytes_total=max(r["bytes_total"] for r in rs.values()), steps=statistics.fmean(r["step_stop"] for r in rs.values()),
                          step_ms=step_ms(rs), step_ratio=step_ms(rs) / step_ms(ref),
                          pre=mean_spread([r["pre_quant_val_bpb"] for r in rs.values()]), post=mean_spread([r["val_bpb"] for r in rs.values()]),
-                         delta=mean_spread(paired), wins=(sum(d < 0 for d in paired), len(paired))))
+                         delta=mean_spread(paired), wins=(sum(d < 0 for d in paired), len(paired)),
+                         delta_control=mean_spread(vs_control) if vs_control else None,
+                         wins_control=(sum(d < 0 for d in vs_control), len(vs_control))))
     return rows
 
 
 def markdown(rows: list[dict], header: str) -> str:
     fmt = lambda ms: f"{ms[0]:.4f} ± {ms[1]:.4f}"
     delta = lambda r: "-" if r["reference"] == r["config"] else f"{r['delta'][0]:+.4f} ± {r['delta'][1]:.4f} ({r['wins'][0]}/{r['wins'][1]})"
+    vs_control = lambda r: "-" if r.get("delta_control") is None else \
+        f"{r['delta_control'][0]:+.4f} ± {r['delta_control'][1]:.4f} ({r['wins_control'][0]}/{r['wins_control'][1]})"
+    controls = any(r.get("delta_control") is not None for r in rows)
     lines = [header, "",
              "val_bpb: mean ± half-range over seeds. Δ: the int8-roundtrip val_bpb minus the reference configuration's with the "
              "same seed (same initialization and data order), mean ± half-range, and (k/n) the seeds in which the configuration "
-             "is lower (better). Step-time ratios are against the reference too.", "",
-             "| config | vs | params | steps | step ms (ratio) | val_bpb pre-quant | val_bpb int8 roundtrip | Δ roundtrip | artifact bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "is lower (better). Step-time ratios are against the reference too."
+             + (" Δ vs control: the same against the family's `_control` row, paired by seed." if controls else ""), "",
+             "| config | vs | params | steps | step ms (ratio) | val_bpb pre-quant | val_bpb int8 roundtrip | Δ roundtrip |"
+             + (" Δ vs control |" if controls else "") + " artifact bytes |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if controls else "") + "---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['reference']} | {r['params']:,} | {r['steps']:.0f} | {r['step_ms']:.0f} ({r['step_ratio']:.2f}x) | "
-                     f"{fmt(r['pre'])} | {fmt(r['post'])} | {delta(r)} | {r['bytes_total']:,} |")
+                     f"{fmt(r['pre'])} | {fmt(r['post'])} | {delta(r)} |" + (f" {vs_control(r)} |" if controls else "")
+                     + f" {r['bytes_total']:,} |")
     return "\n".join(lines) + "\n"
 
 

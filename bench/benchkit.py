@@ -3,6 +3,8 @@ paths: the repo root (train_gpt.py, hymba_layer.py), tools/ (make_dataset, patch
 and tests/ (host_cpu). Also: where results go, and one training run as a subprocess, reused once finished."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -27,6 +29,22 @@ def relative(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+@contextlib.contextmanager
+def machine_lock():
+    """With TORCH_LOCK=<file> set, hold an exclusive flock on that file (one torch job at a time on a shared machine, run
+    by run, so other jobs fit between a benchmark's runs without overlapping a timed one); else nothing."""
+    path = os.environ.get("TORCH_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_run(script: Path, folder: Path, env: dict, label: str, finished: Callable[[dict], bool]) -> dict:
     """`python script` in `folder` (RUN_ID=run, so the log is folder/logs/run.txt) with os.environ less its HYMBA_*
     vars plus `env`, unless that log already holds a run that `finished` accepts; the parsed log. A failed run
@@ -36,8 +54,9 @@ def train_run(script: Path, folder: Path, env: dict, label: str, finished: Calla
         folder.mkdir(parents=True, exist_ok=True)
         full = {k: v for k, v in os.environ.items() if not k.startswith("HYMBA_")}
         full.update({k: str(v) for k, v in env.items()}, RUN_ID="run")
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, str(script)], cwd=folder, env=full, capture_output=True, text=True)
+        with machine_lock():
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, str(script)], cwd=folder, env=full, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         print(f"  {label}: {time.time() - t0:.0f}s", flush=True)

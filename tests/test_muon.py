@@ -179,15 +179,22 @@ def test_cpu_newton_schulz_is_torchs_iteration_in_fp32(shape):
     assert (newton_schulz(g) - newton_schulz_fp64(g)).abs().max() > 1e-3  # which the fp32 bound would catch
 
 
-def test_muon_on_cpu_steps_with_the_fp32_orthogonalization(hparams):
-    """build_optimizers on a CPU makes torch.optim.Muon orthogonalize in fp32 (the bf16 matmuls cost ~25x there):
-    the first step is lr * NS5(grad) to fp32 precision, far tighter than bf16's ~2%."""
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_muon_on_a_cpu_orthogonalizes_in_fp32_only_without_bf16_units(hparams, monkeypatch, bf16_units):
+    """build_optimizers on a CPU without bf16 matmul units (bf16 emulated, ~25x slower) makes torch.optim.Muon
+    orthogonalize in fp32: the first step is lr * NS5(grad) to fp32 precision, far tighter than bf16's ~2%. With the
+    units (avx512_bf16), torch's own bf16 iteration stays: there it is the faster one."""
+    from torch.optim import _muon
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _zeropower_via_newtonschulz)  # restored after the test
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units)
     model, args = tiny_gpt(hparams)
     optimizers = train_gpt.build_optimizers(model, args, CPU)
+    assert _muon._zeropower_via_newtonschulz is (_zeropower_via_newtonschulz if bf16_units else train_gpt.newton_schulz_fp32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = synthetic_grads(model, 1)
     step_with(model, optimizers, grads)
     for n, p in model.named_parameters():
         if n in MATRICES:
             step = 0.04 * math.sqrt(max(1, p.shape[0] / p.shape[1]))
-            assert torch.allclose(p.detach() - before[n], -step * newton_schulz_fp64(grads[n]), rtol=0, atol=1e-5 * step), n
+            close = torch.allclose(p.detach() - before[n], -step * newton_schulz_fp64(grads[n]), rtol=0, atol=1e-5 * step)
+            assert close != bf16_units, n

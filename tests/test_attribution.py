@@ -1,0 +1,80 @@
+"""bench/attribution_heads.py: the attribution table's control and Hymba-parallel head forms are what they claim."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attribution_heads
+import hymba_layer
+import train_gpt
+
+CPU = torch.device("cpu")
+
+
+def build(hparams, monkeypatch, heads_class=None, **hymba):
+    """train_gpt's model, 3 blocks x 256 (4 heads of 64, 2 KV heads), seed 0, with `heads_class` as the hybrid heads
+    where HYMBA_* settings are given."""
+    args = hparams(VOCAB_SIZE=64, NUM_LAYERS=3, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, **hymba)
+    if heads_class is not None:
+        monkeypatch.setattr(hymba_layer, "HybridHeads", heads_class)
+    torch.manual_seed(0)
+    model, _ = train_gpt.build_model(args, CPU, log=lambda line: None)
+    return model
+
+
+def tokens(seed=1, batch=2, t=48):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (batch, t), generator=g), torch.randint(0, 64, (batch, t), generator=g)
+
+
+def train_a_little(model):
+    """A few Adam steps on every parameter so that zero-init projections and identity taps move."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for seed in range(3):
+        model(*tokens(seed)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_control_at_init_is_the_plain_model_and_its_taps_then_change_it(hparams, monkeypatch):
+    """Identity taps on softmax heads' values change nothing: the control starts as the plain model exactly (same
+    seed, same weights), so any difference the table shows is what the taps learn."""
+    plain = build(hparams, monkeypatch)
+    control = build(hparams, monkeypatch, attribution_heads.ControlHeads, HYMBA_LAYERS="1")
+    assert [n for n, _ in control.named_parameters() if ".hymba." in n] == ["blocks.1.attn.hymba.conv_weight"]
+    train_a_little(plain)  # the zero-init output projections move, so attention's output reaches the loss
+    control.load_state_dict(plain.state_dict(), strict=False)
+    x, y = tokens()
+    assert torch.allclose(control(x, y), plain(x, y), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        control.blocks[1].attn.hymba.conv_weight[:, 1] = 0.5  # half of the previous token's value
+    assert not torch.allclose(control(x, y), plain(x, y), atol=1e-4, rtol=0)  # 100x the tolerance above
+
+
+def test_parallel_heads_mix_normalised_attention_and_ssm_by_per_head_weights(hparams):
+    cfg = hymba_layer.HymbaConfig(ssm_heads=2, layers=(0,), conv=2)
+    torch.manual_seed(0)
+    par = attribution_heads.ParallelHeads(2, 1, 64, cfg)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 40, n, 64, generator=g) for n in (2, 1, 1))
+    with torch.no_grad():
+        par.conv_weight[:, 1] = 0.3
+    ssm = hymba_layer.HybridHeads.forward(par, q, k, v, None)
+    v_taps = hymba_layer.causal_conv(v.flatten(2), par.conv_weight, None).view_as(v)
+    attn = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v_taps.expand(-1, -1, 2, -1))),
+                                          is_causal=True).transpose(1, 2)
+    with torch.no_grad():
+        par.beta_attn.copy_(torch.tensor([1.0, 0.0]))
+        par.beta_ssm.copy_(torch.tensor([0.5, 2.0]))
+    out = par(q, k, v, None)
+    assert torch.allclose(out[:, :, 0], (F.rms_norm(attn[:, :, 0], (64,)) + 0.5 * ssm[:, :, 0]) / 2, atol=1e-5)
+    assert torch.allclose(out[:, :, 1], ssm[:, :, 1], atol=1e-5)  # beta_attn 0, beta_ssm 2: the SSM alone
+
+
+def test_the_variants_refuse_packed_documents_and_carried_state():
+    cfg = hymba_layer.HymbaConfig(ssm_heads=2, layers=(0,))
+    q, k, v = torch.zeros(1, 8, 2, 64), torch.zeros(1, 8, 1, 64), torch.zeros(1, 8, 1, 64)
+    for heads in (attribution_heads.ControlHeads(2, 1, 64, cfg), attribution_heads.ParallelHeads(2, 1, 64, cfg)):
+        with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
+            heads(q, k, v, torch.zeros(1, 8, dtype=torch.bool))
+        with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
+            heads(q, k, v, None, carry={})
