@@ -2,6 +2,8 @@
 
     python3 bench/bench_hosts.py --family root --seeds 1337,1338 --out bench/results/hosts_root
     python3 bench/bench_hosts.py --family pr1493 --seeds 1337,1338 --out bench/results/hosts_pr1493
+    TORCH_LOCK=/tmp/torch.lock python3 bench/bench_hosts.py --family record --seeds 1337,1338,1339 --out bench/results/hosts_record64
+    TORCH_LOCK=/tmp/torch.lock python3 bench/bench_hosts.py --family pr1493_64 --seeds 1337,1338,1339 --out bench/results/hosts_pr1493_64
 
 root: per seed, four runs with the same settings and data: the challenge's root train_gpt.py (a CPU
 copy, tests/host_cpu.py), the same patched with HYMBA_LAYERS=0 (tools/patch_host.py), this project's
@@ -11,30 +13,58 @@ pr1493: per seed, the PR #1493 record script (CPU copy) plain and patched with H
 post-EMA score before GPTQ, after GPTQ int6 (`quantized`) and sliding-window, so the table shows the
 hybrid's gain and each one's quantization gap.
 
+record: the late-April record (record_0429, CPU copy) at the challenge's head size 64, with its own optimizer,
+EMA, GPTQ and phased LoRA TTT, per seed: plain, hybrid (HYMBA_LAYERS=0, the module's defaults), and two
+bench-only variants of the hybrid, each one change in the copy (never in hymba_layer.py or tools/patch_host.py):
+  nodecay   the dynamics (`.hymba.` parameters) in a scalar-AdamW group of their own with weight_decay 0
+            (Mamba keeps A_log, dt_bias and D out of decay; the record's ADAM_WD=0.02 pulls them to zero)
+  xsa-attn  XSA only on the hybrid layer's attention heads: the SSM heads' output skips `_xsa_efficient`
+            (which would remove each head's component along its value v_t: D * v_t and the current token's term)
+The table: pre-quantization (post-EMA), GPTQ-quantized and quantized + phased TTT val_bpb, paired deltas vs plain
+and vs the default hybrid, and the training step time relative to plain (from the host's own tok/s).
+pr1493_64: PR #1493 at head size 64 (4 x 256, 4 heads of 64 / 2 KV heads), the same four runs.
+--runs picks some of a family's runs (default: all).
+
 Data: the built-in corpus (tools/make_dataset.py) tokenized with the challenge's sp1024 / sp8192
-models from ../shared/tokenizers/ (or --tokenizer). Not FineWeb, and fp32 on the CPU (host_cpu.py
+models from ../shared/tokenizers/. Not FineWeb, and fp32 on the CPU (host_cpu.py
 says why): numbers compare configurations, they are not leaderboard scores.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from benchkit import ROOT, SHARED, relative, train_run  # first: it sets the import paths
 
 import host_cpu
 import patch_host
-from make_dataset import builtin_shards
+from make_dataset import builtin_shards, read_shard, write_shard
 
 HOSTS = SHARED / "hosts"
 TOKENIZERS = SHARED / "tokenizers"
 HYBRID = {"HYMBA_LAYERS": "0"}  # block 0, the placement the previous design measured best (RESULTS.md)
 
-# settings both hosts read with the same meaning; small enough for 2 CPU cores
+# the record's feature switches as its run sets them (tests/test_host_record.py's TINY): SmearGate, the sparse
+# head-output gate at scale 0.5, the gate int8-quantized
+RECORD_FEATURES = dict(SMEAR_GATE_ENABLED=1, SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATED_ATTN_QUANT_GATE=1)
+# settings the hosts read with the same meaning; small enough for 2 CPU cores. The *64 families: the challenge's head
+# size (4 x 256: 4 heads of 64, 2 KV heads, so the hybrid layer gets 2 attention + 2 SSM heads), 256-token rows, 200
+# steps of 2,048 tokens (the host's 8 micro-steps of one 256-token row), XSA on every block (the hybrid block 0
+# included), the record's depth recurrence (block 1-2 looped from 35%) and parallel lanes (block 3). Cut for the CPU:
+# the challenge's sp1024 tokenizer for the record's sp8192 (1,949 vs 1,497 tok/s over 20 steps) and MLP_MULT 2 for 4:
+# a 200-step record run then took 189 s plain, 207 s hybrid, 2 threads (2.5 / 2.8 min training, ~30 s export, scoring
+# and TTT); EMA_DECAY 0.92: the record's 0.9965 averages over ~285 steps, 6% of its ~4,500; the same
+# share of 200 steps is ~13 steps (0.9965 would leave half the weight on the init); TTT_BATCH_SIZE 16 for 64 (its
+# warmup runs a full batch of random rows); GPTQ_CALIBRATION_BATCHES 4 for 16; the val split cut (VAL_CUT)
 SETTINGS = {
     "root": dict(NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096,
                  VAL_BATCH_SIZE=65536, ITERATIONS=100, WARMDOWN_ITERS=25, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=25,
@@ -44,13 +74,115 @@ SETTINGS = {
                    ITERATIONS=60, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=20, MAX_WALLCLOCK_SECONDS=0, NUM_LOOPS=1,
                    LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=3, XSA_LAST_N=4, ROPE_DIMS=16, GPTQ_CALIBRATION_BATCHES=4,
                    GPTQ_RESERVE_SECONDS=0, COMPRESSOR="lzma", VOCAB_SIZE=8192),
+    "pr1493_64": dict(NUM_LAYERS=4, MODEL_DIM=256, EMBEDDING_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256,
+                      ROPE_TRAIN_SEQ_LEN=256, EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TRAIN_BATCH_TOKENS=2048, VAL_BATCH_TOKENS=8192,
+                      ITERATIONS=200, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=25, MAX_WALLCLOCK_SECONDS=0, NUM_LOOPS=1,
+                      LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=3, XSA_LAST_N=4, ROPE_DIMS=16, EMA_DECAY=0.92,
+                      GPTQ_CALIBRATION_BATCHES=4, GPTQ_RESERVE_SECONDS=0, COMPRESSOR="lzma", VOCAB_SIZE=1024),
+    "record": dict(NUM_LAYERS=4, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=256, ROPE_TRAIN_SEQ_LEN=256,
+                   EVAL_SEQ_LEN=256, TTT_EVAL_SEQ_LEN=256, TRAIN_BATCH_TOKENS=2048, VAL_BATCH_TOKENS=8192, ITERATIONS=200,
+                   WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=25, MAX_WALLCLOCK_SECONDS=0, NUM_LOOPS=1, LOOP_START=1,
+                   LOOP_END=2, PARALLEL_START_LAYER=3, XSA_LAST_N=4, ROPE_DIMS=16, EMA_DECAY=0.92, **RECORD_FEATURES,
+                   TTT_BATCH_SIZE=16, GPTQ_CALIBRATION_BATCHES=4, GPTQ_RESERVE_SECONDS=0, COMPRESSOR="lzma", VOCAB_SIZE=1024),
 }
-# name -> (script, patched, extra env)
+
+
+# ----------------------------------------------------------------------------- bench-only variants of a host
+# Each is a function of one host class, inlined into the run's copy with its call just before the host's
+# `if __name__ == "__main__":` (so the script that ran holds it, and the record logs it with its source).
+
+def dynamics_without_decay(Optimizers) -> None:
+    """nodecay: after the host's Optimizers are built, the hybrid dynamics (every `.hymba.` parameter) leave the
+    scalar AdamW's group for a group of their own with weight_decay 0 and the same learning rate; the host's
+    other scalars keep ADAM_WD. Dynamics outside that group are an error (the host routed them elsewhere)."""
+    host_init = Optimizers.__init__
+
+    def __init__(self, h, base_model):
+        host_init(self, h, base_model)
+        dynamics = [p for name, p in base_model.named_parameters() if ".hymba." in name]
+        [group] = self.optimizer_scalar.param_groups
+        ids = {id(p) for p in dynamics}
+        if not ids <= {id(p) for p in group["params"]}:
+            raise RuntimeError("bench variant nodecay: some .hymba. parameters are not in the scalar AdamW group")
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        if dynamics:
+            self.optimizer_scalar.add_param_group(
+                {"params": dynamics, "lr": group["lr"], "base_lr": group["base_lr"], "weight_decay": 0.0})
+
+    Optimizers.__init__ = __init__
+
+
+def xsa_on_attention_heads_only(Attention) -> None:
+    """xsa-attn: in a hybrid attention module (one with `.hymba`), the host's XSA (`_xsa_efficient(y, v)`, each
+    head's output less its component along its own KV head's value) runs on the attention heads (the first ones)
+    only; the SSM heads' output (the last `hymba.heads`, on the last `hymba.kv_heads` values) passes unchanged.
+    Every other attention module, and every call site (training, eval, the TTT blocks), keeps the host's XSA."""
+    host_xsa = Attention._xsa_efficient
+
+    def _xsa_efficient(self, y, v):
+        heads = getattr(self, "hymba", None)
+        if heads is None:
+            return host_xsa(self, y, v)
+        n_attn, n_kv = y.size(-2) - heads.heads, v.size(-2) - heads.kv_heads
+        return torch.cat([host_xsa(self, y[..., :n_attn, :], v[..., :n_kv, :]), y[..., n_attn:, :]], dim=-2)
+
+    Attention._xsa_efficient = _xsa_efficient
+
+
+VARIANTS = {"nodecay": (dynamics_without_decay, "Optimizers"), "xsa-attn": (xsa_on_attention_heads_only, "CausalSelfAttention")}
+MAIN_GUARD = re.compile(r"""^if __name__ ?== ?(["'])__main__\1:""", re.M)
+
+
+def variant_code(names: list[str]) -> str:
+    """The named VARIANTS as module-level code: each function's source and its call on the host's class."""
+    return "".join(f"# bench-only variant {name} (bench/bench_hosts.py)\n{inspect.getsource(VARIANTS[name][0])}"
+                   f"{VARIANTS[name][0].__name__}({VARIANTS[name][1]})\n\n" for name in names)
+
+
+def with_variants(source: str, names: list[str]) -> str:
+    """Plain host source with the named VARIANTS inlined before its main guard."""
+    guards = [m.start() for m in MAIN_GUARD.finditer(source)]
+    if len(guards) != 1:
+        raise ValueError(f"bench variants: expected one `if __name__ == '__main__':` in the host, found {len(guards)}")
+    return source[: guards[0]] + variant_code(names) + source[guards[0]:]
+
+
+def family_runs(host: str) -> dict:
+    """plain, hybrid with the module's defaults, and the hybrid with each bench variant."""
+    return {host: (host, False, {}), f"{host}+hymba": (host, True, HYBRID),
+            f"{host}+hymba nodecay": (host, True, HYBRID, ["nodecay"]),
+            f"{host}+hymba xsa-attn": (host, True, HYBRID, ["xsa-attn"])}
+
+
+# name -> (script, patched, extra env[, bench variants])
 RUNS = {
     "root": {"root": ("root", False, {}), "root+hymba": ("root", True, HYBRID),
              "this host": ("ours", False, {}), "this host+hymba": ("ours", False, HYBRID)},
     "pr1493": {"pr1493": ("pr1493", False, {}), "pr1493+hymba": ("pr1493", True, HYBRID)},
+    "pr1493_64": family_runs("pr1493"),
+    "record": family_runs("record"),
 }
+# family -> (val tokens kept, longest document kept) (cut_val): the evaluations read the whole val split, and phased
+# TTT scores a batch of documents chunk by chunk (48 tokens, each with a backward over its window) for as many chunks as
+# the batch's longest document has: on the full split (65k tokens, documents up to 11k) it alone took 239 s
+VAL_CUT = {"pr1493_64": (16384, 1024), "record": (16384, 1024)}
+THREADS = {"pr1493_64": 2, "record": 2}  # threads per run where OMP_NUM_THREADS is unset (else 1); runs never overlap
+BOS_ID = 1  # the challenge tokenizers' BOS, which starts every document of the built-in shards
+HOST_FILES = {"record": "record_0429_train_gpt.py"}  # host -> its file in ../shared/hosts/, where not NAME_train_gpt.py
+# family -> [(key, score label in the log, column title)]; root's come from its own lines
+SCORES = {
+    "root": [("pre", None, "before quantization"), ("quant", None, "after int8+zlib roundtrip")],
+    "pr1493": [("pre", "pre-quantization post-ema", "before quantization"), ("quant", "quantized", "after GPTQ int6 (`quantized`)"),
+               ("sliding", "quantized_sliding_window", "GPTQ + sliding window")],
+    "record": [("pre", "diagnostic pre-quantization post-ema", "pre-quantization (post-EMA)"),
+               ("quant", "diagnostic quantized", "GPTQ-quantized"), ("ttt", "quantized_ttt_phased", "quantized + phased TTT")],
+}
+SCORES["pr1493_64"] = SCORES["pr1493"]
+PAIRS = {"root": [("root+hymba", "root"), ("this host+hymba", "this host"), ("this host", "root"), ("this host+hymba", "root+hymba")]}
+for _family, _host in (("pr1493", "pr1493"), ("pr1493_64", "pr1493"), ("record", "record")):
+    _names = list(RUNS[_family])
+    PAIRS[_family] = [(n, _host) for n in _names[1:]] + [(n, f"{_host}+hymba") for n in _names[2:]]
+TRAIN_TOKS = re.compile(r"^\d+/\d+ train_loss: \S+ train_time: \S+ tok/s: (\d+)$", re.M)  # pr1493 and record
 
 
 def build_data(family: str, cache: Path) -> dict[str, str]:
@@ -60,52 +192,101 @@ def build_data(family: str, cache: Path) -> dict[str, str]:
     if not model.is_file():
         raise SystemExit(f"bench_hosts.py: {model} not found: the challenge's sp{vocab} tokenizer is needed")
     data, tokenizer = builtin_shards(cache / "datasets" / f"fineweb10B_sp{vocab}", cache / "tokenizers" / model.name, tokenizer=model)
+    if family in VAL_CUT:
+        limit, longest = VAL_CUT[family]
+        data = cut_val(data, cache / "datasets" / f"fineweb10B_sp{vocab}_val{limit}_doc{longest}", limit, longest)
     return dict(DATA_PATH=str(data.resolve()), TOKENIZER_PATH=str(tokenizer.resolve()), DATA_DIR=f"{cache.resolve()}/")
 
 
-def script_for(kind: str, patched: bool, folder: Path) -> Path:
+def cut_val(data: Path, out: Path, limit: int, longest: int) -> Path:
+    """A copy of the shards in `data` whose val split keeps, in file order, the whole documents (each starts at BOS,
+    id 1) of at most `longest` tokens while they fit in `limit` tokens; written once."""
+    if not (out / "fineweb_val_000000.bin").is_file():
+        val = np.concatenate([read_shard(f) for f in sorted(data.glob("fineweb_val_*.bin"))])
+        starts = np.flatnonzero(val == BOS_ID).tolist()
+        docs, total = [], 0
+        for a, b in zip(starts, starts[1:] + [val.size]):
+            if b - a <= longest and total + b - a <= limit:
+                docs.append(val[a:b])
+                total += b - a
+        if not docs:
+            raise SystemExit(f"bench_hosts.py: no val document of at most {longest} tokens in {data}")
+        out.mkdir(parents=True, exist_ok=True)
+        for train in sorted(data.glob("fineweb_train_*.bin")):
+            shutil.copyfile(train, out / train.name)
+        write_shard(out / "fineweb_val_000000.bin", np.concatenate(docs))
+    return out
+
+
+def script_for(kind: str, patched: bool, folder: Path, variants: list[str] = ()) -> Path:
+    """The CPU copy of host `kind` (patched by tools/patch_host.py, with bench variants) in folder/train_gpt.py."""
     if kind == "ours":
         return ROOT / "train_gpt.py"
-    text = (HOSTS / f"{kind}_train_gpt.py").read_text(encoding="utf-8")
+    text = (HOSTS / HOST_FILES.get(kind, f"{kind}_train_gpt.py")).read_text(encoding="utf-8")
     if patched:
         text = patch_host.patch_text(text, patch_host.MODULE.read_text(encoding="utf-8"))
+    if variants:
+        if kind in host_cpu.SELF_EXTRACTING:
+            source, payload = patch_host.unwrap(text)
+            text = patch_host.wrap(text, payload, with_variants(source, list(variants)))
+        else:
+            text = with_variants(text, list(variants))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_gpt.py"
     path.write_text(host_cpu.cpu_copy(kind, text), encoding="utf-8")
     return path
 
 
+def step_ms(family: str, log: Path) -> float | None:
+    """Training ms per step from the host's last `tok/s` (training time only: validation and export excluded)."""
+    found = TRAIN_TOKS.findall(log.read_text(encoding="utf-8", errors="replace")) if family != "root" else []
+    return 1e3 * int(SETTINGS[family]["TRAIN_BATCH_TOKENS"]) / int(found[-1]) if found and int(found[-1]) > 0 else None
+
+
+def threads(family: str) -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", THREADS.get(family, 1)))
+
+
 def run_one(family: str, name: str, seed: int, data_env: dict, out: Path) -> dict:
-    kind, patched, extra = RUNS[family][name]
+    kind, patched, extra, *variants = RUNS[family][name]
+    variants = variants[0] if variants else []
     folder = (out / "runs" / f"{name.replace(' ', '_').replace('+', '_')}_s{seed}").resolve()
-    env = {**SETTINGS[family], **data_env, **extra, "SEED": seed, "TORCHDYNAMO_DISABLE": 1, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", 1)}
-    run = train_run(script_for(kind, patched, folder), folder, env, f"{name} seed {seed}", finished=lambda run: bool(run["scores"]))
+    env = {**SETTINGS[family], **data_env, **extra, "SEED": seed, "TORCHDYNAMO_DISABLE": 1, "OMP_NUM_THREADS": threads(family)}
+    labels = [label for _, label, _ in SCORES[family] if label]
+    run = train_run(script_for(kind, patched, folder, variants), folder, env, f"{name} seed {seed}",
+                    finished=lambda run: set(labels) <= {s[0] for s in run["scores"]})
+    row = dict(name=name, seed=seed, params=run.get("model_params"), step_ms=step_ms(family, folder / "logs" / "run.txt"))
+    if family == "root":
+        [(_, _, pre, _)] = run["val"][-1:]
+        return {**row, "pre": pre, "quant": run["roundtrip_exact"][1]}
     scores = {label: bpb for label, _, bpb, _ in run["scores"]}
-    if family == "pr1493":
-        return dict(name=name, seed=seed, pre=scores["pre-quantization post-ema"], quant=scores["quantized"],
-                    sliding=scores.get("quantized_sliding_window"), params=run.get("model_params"))
-    [(_, _, pre, _)] = run["val"][-1:]
-    return dict(name=name, seed=seed, pre=pre, quant=run["roundtrip_exact"][1], sliding=None, params=run.get("model_params"))
+    return {**row, **{key: scores[label] for key, label, _ in SCORES[family]}}
 
 
 def table(family: str, runs: list[dict], seeds: list[int]) -> str:
-    names = list(RUNS[family])
     by = {(r["name"], r["seed"]): r for r in runs}
-    cols = [("pre", "before quantization"), ("quant", "after int8+zlib roundtrip" if family == "root" else "after GPTQ int6 (`quantized`)")]
-    if family == "pr1493":
-        cols.append(("sliding", "GPTQ + sliding window"))
-    lines = ["| run | params | " + " | ".join(f"val_bpb {c} (per seed)" for _, c in cols) + " | quantization gap |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+    names = [n for n in RUNS[family] if all((n, s) in by for s in seeds)]
+    cols = [(key, title) for key, _, title in SCORES[family]]
+    plain = names[0] if names and names[0] == list(RUNS[family])[0] else None
+    timed = family != "root" and plain is not None
+    lines = ["| run | params | " + " | ".join(f"val_bpb {c} (per seed)" for _, c in cols) + " | quantization gap |"
+             + (" step time vs plain |" if timed else ""),
+             "|---|---|" + "---|" * len(cols) + "---|" + ("---|" if timed else "")]
     for n in names:
         rs = [by[(n, s)] for s in seeds]
         cells = [", ".join(f"{r[k]:.4f}" for r in rs) for k, _ in cols]
         gap = statistics.fmean(r["quant"] - r["pre"] for r in rs)
-        lines.append(f"| {n} | {rs[0]['params']:,} | " + " | ".join(cells) + f" | {gap:+.4f} |")
-    pairs = [("root+hymba", "root"), ("this host+hymba", "this host"), ("this host", "root"), ("this host+hymba", "root+hymba")] \
-        if family == "root" else [("pr1493+hymba", "pr1493")]
-    lines += ["", "Paired by seed (same data order and seed), mean ± half-range over seeds:", "",
+        line = f"| {n} | {rs[0]['params']:,} | " + " | ".join(cells) + f" | {gap:+.4f} |"
+        if timed:
+            ratios = [by[(n, s)]["step_ms"] / by[(plain, s)]["step_ms"] for s in seeds]
+            ms = statistics.fmean(r["step_ms"] for r in rs)
+            line += f" {statistics.fmean(ratios):.2f}x ({ms:.0f} ms) |"
+        lines.append(line)
+    lines += ["", "Paired by seed (same data order and seed), mean ± half-range over seeds; lower is better:", "",
               "| comparison | " + " | ".join(f"Δ {c}" for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for a, b in pairs:
+    for a, b in PAIRS[family]:
+        if a not in names or b not in names:
+            continue
         cells = []
         for k, _ in cols:
             d = [by[(a, s)][k] - by[(b, s)][k] for s in seeds]
@@ -114,21 +295,49 @@ def table(family: str, runs: list[dict], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", required=True, choices=sorted(RUNS))
     p.add_argument("--seeds", default="1337,1338")
+    p.add_argument("--runs", default="", help="comma-separated names of the family's runs (default: all)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1337,1338")
+    if len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds {args.seeds!r}: a seed repeats")
+    names = list(RUNS[args.family])
+    args.run_list = [n.strip() for n in args.runs.split(",")] if args.runs else names
+    bad = [n for n in args.run_list if n not in names]
+    if bad:
+        p.error(f"--runs {', '.join(map(repr, bad))}: not a run of family {args.family}; its runs are {', '.join(names)}")
+    args.run_list = [n for n in names if n in args.run_list]  # the family's order: plain first
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = args.seed_list
     args.out.mkdir(parents=True, exist_ok=True)
     data_env = build_data(args.family, args.out / "cache")
-    runs = [run_one(args.family, n, s, data_env, args.out) for s in seeds for n in RUNS[args.family]]
+    runs = [run_one(args.family, n, s, data_env, args.out) for s in seeds for n in args.run_list]
     settings = ", ".join(f"{k}={v}" for k, v in SETTINGS[args.family].items())
+    picked = f" --runs '{args.runs}'" if args.runs else ""
+    alone = ", one run at a time (TORCH_LOCK)" if os.environ.get("TORCH_LOCK") else ""
+    cut = (f", val split cut to its documents of at most {VAL_CUT[args.family][1]} tokens, in file order, within "
+           f"{VAL_CUT[args.family][0]:,} tokens" if args.family in VAL_CUT else "")
+    used = {v for n in args.run_list for extra in RUNS[args.family][n][3:] for v in extra}
+    variants = "".join(f"- `{name}`: {' '.join(inspect.getdoc(fn).split(': ', 1)[1].split())}\n"
+                       for name, (fn, _) in VARIANTS.items() if name in used)
     text = (f"## hymba_layer.py in the {args.family} host: equal steps, {len(seeds)} seeds\n\n"
-            f"Command: `python3 bench/bench_hosts.py --family {args.family} --seeds {args.seeds} --out {relative(args.out)}`\n\n"
-            f"CPU, fp32, one thread per run, built-in corpus with the challenge's sp{SETTINGS[args.family]['VOCAB_SIZE']} "
-            f"tokenizer. Settings: {settings}; hybrid runs add HYMBA_LAYERS=0.\n\n" + table(args.family, runs, seeds))
+            f"Command: `{'TORCH_LOCK=' + os.environ['TORCH_LOCK'] + ' ' if alone else ''}python3 bench/bench_hosts.py --family {args.family} --seeds {args.seeds}{picked} --out {relative(args.out)}`\n\n"
+            f"CPU, fp32, {threads(args.family)} thread(s) per run{alone}, built-in corpus with the challenge's "
+            f"sp{SETTINGS[args.family]['VOCAB_SIZE']} tokenizer{cut}. Settings: {settings}; hybrid runs add HYMBA_LAYERS=0 "
+            "(the module's defaults otherwise).\n\n"
+            + (f"Bench-only variants of the hybrid run (inlined into the run's copy of the host):\n\n{variants}\n" if variants else "")
+            + table(args.family, runs, seeds))
     (args.out / "results.md").write_text(text, encoding="utf-8")
     (args.out / "results.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
     print(text)
