@@ -167,7 +167,8 @@ def ssd_scan(x: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int = 6
         inner = c if c <= Q else max(Q, 2)  # a single chunk when they fit: no padding to Q
         with torch.autocast(x.device.type, enabled=False):
             ends, final = ssd_scan(states, totals, ones, ones.expand(b, c, H, 1), inner, S0.view(b, H, P * N, 1))
-    carried = S0.view(b, 1, H, P * N) if ends is None else torch.cat([S0.view(b, 1, H, P * N), ends[:, :-1]], dim=1)
+    # cat, then cut to c: no tensor of c - 1 chunks, whose size 1 at c == 2 compile would guard on (a graph more)
+    carried = S0.view(b, 1, H, P * N) if ends is None else torch.cat([S0.view(b, 1, H, P * N), ends], dim=1)[:, :c]
 
     # 4. outputs from the state carried into each chunk: exp(A summed over the chunk up to l) S_start C_l
     carried = carried.view(b, c, G, R, P, N).to(x.dtype)
