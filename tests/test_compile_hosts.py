@@ -189,7 +189,7 @@ TTT_LENGTHS, TTT_GRAPHS = (48, 96, 144, 2048), [1, 1, 0, 1]  # graphs compiled a
 # CPU workaround, scoped to these graphs: inductor's vectorized C++ (cpp.simdlen default) corrupts the heap in the
 # hybrid layer's compiled backward from T=96 (2+ scan chunks) on: "corrupted size vs. prev_size" / "double free or
 # corruption" aborts the process (torch 2.13.0+cpu). HybridHeads alone reproduces it; backend="aot_eager" (same
-# graphs, no inductor codegen) and inductor with cpp.simdlen=1 (no vectorization) run it exact at T=48, 96, 200
+# graphs, no inductor codegen) and inductor with cpp.simdlen=1 (no vectorization) run it as eager at T=48, 96, 200
 # (bench/repro_ttt_compile.py; RESULTS.md, "Compiled as the hosts compile"). An inductor CPU codegen bug, not our
 # graph; this evidence says nothing about the GPU (Triton) path.
 TTT_CPU_WORKAROUND = {"cpp.simdlen": 1}
