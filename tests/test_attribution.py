@@ -16,6 +16,8 @@ def build(hparams, monkeypatch, heads_class=None, **hymba):
     args = hparams(VOCAB_SIZE=64, NUM_LAYERS=3, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, **hymba)
     if heads_class is not None:
         monkeypatch.setattr(hymba_layer, "HybridHeads", heads_class)
+    # the swap appends the dynamics' names to the host's routing list: restored after the test
+    monkeypatch.setattr(train_gpt, "CONTROL_TENSOR_NAME_PATTERNS", train_gpt.CONTROL_TENSOR_NAME_PATTERNS)
     torch.manual_seed(0)
     model, _ = train_gpt.build_model(args, CPU, log=lambda line: None)
     return model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import bench_hosts
 import patch_host
 from hosts import host_text
-from test_compile_hosts import hparams, hymba_settings, load_host
+from test_compile_hosts import hparams, hybrid_record_gpt, load_host
 
 DYNAMICS = ("dt_weight", "A_log", "dt_bias", "D", "conv_weight")
 # 3 banked layers x 256 (4 heads of 64, 2 KV: block 0 gets 2 attention + 2 SSM heads), XSA on every block,
@@ -33,12 +33,7 @@ def record(tmp_path_factory):
 def hybrid(record):
     """(h, the record's GPT with block 0 hybrid: module defaults, conv taps on)."""
     h = hparams(record, **SHAPE)
-    torch.manual_seed(0)
-    with hymba_settings(HYMBA_LAYERS="0"):
-        model = record.GPT(h).float()
-        record.restore_fp32_params(model)
-        assert record.hymba_layer.build_and_swap_hymba_layers(model, log=lambda line: None) == [0]
-    return h, model
+    return h, hybrid_record_gpt(record, h)
 
 
 def apply_variant(record, name: str, monkeypatch) -> None:

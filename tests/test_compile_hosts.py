@@ -126,14 +126,22 @@ def record_batch(record, doc_starts, seed):
     return x, y, cu
 
 
+def hybrid_record_gpt(record, h, layers: str = "0"):
+    """The record's GPT in fp32 (the CPU copy's float for the host's bfloat16()) with `layers` hybrid, module defaults
+    otherwise, seed 0."""
+    torch.manual_seed(0)
+    with hymba_settings(HYMBA_LAYERS=layers):
+        model = record.GPT(h).float()
+        record.restore_fp32_params(model)
+        assert record.hymba_layer.build_and_swap_hymba_layers(model, log=lambda line: None) == \
+            [int(i) for i in layers.split(",")]
+    return model
+
+
 @pytest.fixture(scope="module")
 def record_model(record):
     h = hparams(record, **RECORD)
-    torch.manual_seed(0)
-    with hymba_settings(HYMBA_LAYERS="1,2"):
-        model = record.GPT(h).float()  # the CPU copy's fp32 for the host's bfloat16()
-        record.restore_fp32_params(model)
-        assert record.hymba_layer.build_and_swap_hymba_layers(model, log=lambda line: None) == [1, 2]
+    model = hybrid_record_gpt(record, h, "1,2")
     jitter(model, 1)
     model.looping_active = True  # the record's second half of training: block 1 runs twice
     return h, model
@@ -199,11 +207,7 @@ TTT_CPU_WORKAROUND = {"cpp.simdlen": 1}
 def record_ttt(record):
     """Per length: eager and compiled per-token losses with the LoRA gradients, and the graphs compiled."""
     h = hparams(record, **TTT)
-    torch.manual_seed(0)
-    with hymba_settings(HYMBA_LAYERS="0"):
-        model = record.GPT(h).float()
-        record.restore_fp32_params(model)
-        assert record.hymba_layer.build_and_swap_hymba_layers(model, log=lambda line: None) == [0]
+    model = hybrid_record_gpt(record, h)
     jitter(model, 4)
     for p in model.parameters():
         p.requires_grad_(False)
