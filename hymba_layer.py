@@ -213,6 +213,7 @@ class HybridHeads(nn.Module):
     def __init__(self, heads: int, kv_heads: int, head_dim: int, cfg: HymbaConfig):
         super().__init__()
         self.heads, self.kv_heads, self.chunk, self.window = heads, kv_heads, cfg.scan_chunk, cfg.window
+        self.group = heads // kv_heads  # query heads per KV head, the host layer's own
         self.carry: dict | None = None  # state kept between evaluation windows (carry_state), else None
         self.dt_weight = nn.Parameter(torch.zeros(heads, head_dim))  # zero: dt starts at softplus(dt_bias) everywhere
         # Mamba-2 inits: decay rates A = -exp(A_log) in [-16, -1], dt log-uniform in [1e-3, 1e-1]
@@ -243,7 +244,7 @@ class HybridHeads(nn.Module):
             carry["tail"], carry["tail_starts"] = u[:, keep:], None if starts is None else starts[:, keep:]
             v = causal_conv(u, self.conv_weight, starts)[:, n:].view(b, t, -1, d)
             starts = None if starts is None else starts[:, n:]
-        v_heads = v.repeat_interleave(h // self.kv_heads, dim=2)  # (batch, T, heads, head_dim)
+        v_heads = v.repeat_interleave(self.group, dim=2)  # (batch, T, heads, head_dim)
         f32 = torch.promote_types(v.dtype, torch.float32)
         dt = F.softplus((v_heads.to(f32) * self.dt_weight).sum(-1) + self.dt_bias)  # (batch, T, heads), fp32
         log_a = -dt * self.A_log.exp()
@@ -323,7 +324,7 @@ def hymba_attention(layer: nn.Module, kernel, q: Tensor, k: Tensor, v: Tensor, *
     from_scan = (lambda t: t.transpose(1, 2)) if sdpa else (lambda t: t[0]) if packed else (lambda t: t)
     head_axis = 1 if sdpa or packed else 2
     n_q, n_k = q.size(head_axis), k.size(head_axis)
-    refuse_kernel_call(kernel, args, kwargs, n_q, n_k, heads.heads // heads.kv_heads if heads.kv_heads else n_q // n_k)
+    refuse_kernel_call(kernel, args, kwargs, n_q, n_k, heads.group)
     n_attn, n_kv = q.size(head_axis) - heads.heads, k.size(head_axis) - heads.kv_heads
     q_attn, k_attn, v_attn = (t.narrow(head_axis, 0, n) for t, n in ((q, n_attn), (k, n_kv), (v, n_kv)))
     scale = kwargs.get("scale", kwargs.get("softmax_scale"))

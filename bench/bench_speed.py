@@ -77,9 +77,9 @@ class WindowOnly(nn.Module):
     heads = kv_heads = 0
     carry = None  # never scores with state
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, group: int):
         super().__init__()
-        self.window = window
+        self.window, self.group = window, group  # group: the layer's query heads per KV head
 
     def forward(self, q: torch.Tensor, *rest) -> torch.Tensor:  # q, k, v, starts[, carry]
         return q  # (batch, T, 0, head_dim): no SSM heads
@@ -103,7 +103,7 @@ def attention_layers(dim: int, heads: int, kv_heads: int, ssm_heads: int, chunk:
             layer.hymba = hymba_layer.HybridHeads(ssm_heads, ssm_heads // group, dim // heads,
                                                   hymba_layer.HymbaConfig(ssm_heads, (0,), chunk, conv, w))
         elif w:
-            layer.hymba = WindowOnly(w)
+            layer.hymba = WindowOnly(w, group)
         layers[name] = layer
     return layers
 
