@@ -4,9 +4,10 @@
     BENCH_HEADS=control  HYMBA_LAYERS=0 python3 bench/attribution_heads.py   # the control: no SSM at all
     BENCH_HEADS=parallel HYMBA_LAYERS=0 python3 bench/attribution_heads.py   # Hymba's parallel form
 
-control: the same heads stay softmax attention (the host's causal SDPA, its scale), with the same causal depthwise
-    taps (HYMBA_CONV, identity at init) on their values: the SSM heads' conv without the SSM. What the SSM heads
-    add over this row is what the scan buys.
+control: the same heads stay softmax attention (causal SDPA, the host's scale; on packed documents each token sees
+    its own document only, as the host's varlen kernel does), with the same causal depthwise taps (HYMBA_CONV,
+    identity at init, restarting at each document) on their values: the SSM heads' conv without the SSM. What the
+    SSM heads add over this row is what the scan buys. bench/bench_hosts.py inlines it into the record's copy.
 parallel: Hymba's own form on the same heads: softmax attention and the SSM both read those heads' q/k/v (the
     values after the taps when HYMBA_CONV > 0), each output RMS-normalised, then mixed by learned per-head weights
     (1 at init) and halved: y = (beta_attn rmsnorm(attn) + beta_ssm rmsnorm(ssm)) / 2.
@@ -36,10 +37,17 @@ def conv_values(heads: hymba_layer.HybridHeads, v: Tensor, starts: Tensor | None
     return hymba_layer.causal_conv(v.flatten(2), heads.conv_weight, starts).view_as(v)
 
 
-def softmax_heads(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-    """Causal softmax attention in the scan's layout (batch, T, heads, head_dim), KV heads shared by groups."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       scale=scale, enable_gqa=q.size(2) != k.size(2))
+def softmax_heads(q: Tensor, k: Tensor, v: Tensor, scale: float | None, starts: Tensor | None = None) -> Tensor:
+    """Causal softmax attention in the scan's layout (batch, T, heads, head_dim), KV heads shared by groups;
+    with `starts` (batch, T) bool, each query sees only keys of its own document."""
+    mask, causal = None, True
+    if starts is not None:
+        doc = starts.cumsum(1)  # (batch, T): document number of each token
+        T = q.size(1)
+        same_doc = doc[:, :, None] == doc[:, None, :]
+        mask, causal = (same_doc & torch.ones(T, T, dtype=torch.bool, device=q.device).tril())[:, None], False
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=causal, scale=scale, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -51,9 +59,9 @@ class ControlHeads(hymba_layer.HybridHeads):
         self.dt_weight = self.A_log = self.dt_bias = self.D = None
 
     def forward(self, q, k, v, starts, carry=None, scale=None):
-        if carry is not None or starts is not None:
-            raise ValueError("BENCH_HEADS=control: dense rows without EVAL_CARRY_STATE only")
-        return softmax_heads(q, k, conv_values(self, v, None), scale)
+        if carry is not None:
+            raise ValueError("BENCH_HEADS=control: no EVAL_CARRY_STATE (softmax heads carry no state)")
+        return softmax_heads(q, k, conv_values(self, v, starts), scale, starts)
 
 
 class ParallelHeads(hymba_layer.HybridHeads):

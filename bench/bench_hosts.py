@@ -15,14 +15,16 @@ hybrid's gain and each one's quantization gap.
 
 record: the late-April record (record_0429, CPU copy) at the challenge's head size 64, with its own optimizer,
 EMA, GPTQ and phased LoRA TTT, per seed: plain, hybrid (HYMBA_LAYERS=0, the module's defaults), and two
-bench-only variants of the hybrid, each one change in the copy (never in hymba_layer.py or tools/patch_host.py):
+three bench-only variants, each one change in the copy (never in hymba_layer.py or tools/patch_host.py):
   nodecay   the dynamics (`.hymba.` parameters) in a scalar-AdamW group of their own with weight_decay 0
             (Mamba keeps A_log, dt_bias and D out of decay; the record's ADAM_WD=0.02 pulls them to zero)
   xsa-attn  XSA only on the hybrid layer's attention heads: the SSM heads' output skips `_xsa_efficient`
             (which would remove each head's component along its value v_t: D * v_t and the current token's term)
+  control   (run `record+control`) the SSM heads kept as softmax heads with the same taps on their values and no
+            dynamics: the attribution control inside the host (bench/attribution_heads.py's ControlHeads)
 The table: pre-quantization (post-EMA), GPTQ-quantized and quantized + phased TTT val_bpb, paired deltas vs plain
 and vs the default hybrid, and the training step time relative to plain (from the host's own tok/s).
-pr1493_64: PR #1493 at head size 64 (4 x 256, 4 heads of 64 / 2 KV heads), the same four runs.
+pr1493_64: PR #1493 at head size 64 (4 x 256, 4 heads of 64 / 2 KV heads), the same five runs.
 --runs picks some of a family's runs (default: all).
 
 Data: the built-in corpus (tools/make_dataset.py) tokenized with the challenge's sp1024 / sp8192
@@ -45,6 +47,7 @@ import numpy as np
 
 from benchkit import ROOT, SHARED, relative, train_run  # first: it sets the import paths
 
+import attribution_heads
 import host_cpu
 import patch_host
 from make_dataset import builtin_shards, read_shard, write_shard
@@ -129,14 +132,29 @@ def xsa_on_attention_heads_only(Attention) -> None:
     Attention._xsa_efficient = _xsa_efficient
 
 
-VARIANTS = {"nodecay": (dynamics_without_decay, "Optimizers"), "xsa-attn": (xsa_on_attention_heads_only, "CausalSelfAttention")}
+def heads_as_softmax_control(HybridHeads) -> None:
+    """control: the hybrid layer's SSM heads stay softmax attention heads (each query sees its own document, as the
+    host's varlen kernel does) with the same 4 identity-init taps on their values and no SSM dynamics: the
+    attribution table's control row (bench/attribution_heads.py's ControlHeads, inlined above this function)."""
+    hymba_layer.HybridHeads = ControlHeads  # the module's global, which build_and_swap_hymba_layers instantiates
+
+
+# name -> (the function inlined and called on a host class, that class's name, what is inlined before the function)
+VARIANTS = {"nodecay": (dynamics_without_decay, "Optimizers", []),
+            "xsa-attn": (xsa_on_attention_heads_only, "CausalSelfAttention", []),
+            "control": (heads_as_softmax_control, "HybridHeads",
+                        [attribution_heads.conv_values, attribution_heads.softmax_heads, attribution_heads.ControlHeads])}
 MAIN_GUARD = re.compile(r"""^if __name__ ?== ?(["'])__main__\1:""", re.M)
 
 
 def variant_code(names: list[str]) -> str:
     """The named VARIANTS as module-level code: each function's source and its call on the host's class."""
-    return "".join(f"# bench-only variant {name} (bench/bench_hosts.py)\n{inspect.getsource(VARIANTS[name][0])}"
-                   f"{VARIANTS[name][0].__name__}({VARIANTS[name][1]})\n\n" for name in names)
+    code = ""
+    for name in names:
+        fn, cls, support = VARIANTS[name]
+        code += f"# bench-only variant {name} (bench/bench_hosts.py)\n"
+        code += "".join(f"{inspect.getsource(obj)}\n" for obj in support + [fn]) + f"{fn.__name__}({cls})\n\n"
+    return code
 
 
 def with_variants(source: str, names: list[str]) -> str:
@@ -151,7 +169,8 @@ def family_runs(host: str) -> dict:
     """plain, hybrid with the module's defaults, and the hybrid with each bench variant."""
     return {host: (host, False, {}), f"{host}+hymba": (host, True, HYBRID),
             f"{host}+hymba nodecay": (host, True, HYBRID, ["nodecay"]),
-            f"{host}+hymba xsa-attn": (host, True, HYBRID, ["xsa-attn"])}
+            f"{host}+hymba xsa-attn": (host, True, HYBRID, ["xsa-attn"]),
+            f"{host}+control": (host, True, HYBRID, ["control"])}
 
 
 # name -> (script, patched, extra env[, bench variants])
@@ -181,7 +200,8 @@ SCORES["pr1493_64"] = SCORES["pr1493"]
 PAIRS = {"root": [("root+hymba", "root"), ("this host+hymba", "this host"), ("this host", "root"), ("this host+hymba", "root+hymba")]}
 for _family, _host in (("pr1493", "pr1493"), ("pr1493_64", "pr1493"), ("record", "record")):
     _names = list(RUNS[_family])
-    PAIRS[_family] = [(n, _host) for n in _names[1:]] + [(n, f"{_host}+hymba") for n in _names[2:]]
+    PAIRS[_family] = ([(n, _host) for n in _names[1:]] + [(n, f"{_host}+hymba") for n in _names[2:4]]
+                      + [(f"{_host}+hymba", f"{_host}+control")])  # the SSM heads against their control
 TRAIN_TOKS = re.compile(r"^\d+/\d+ train_loss: \S+ train_time: \S+ tok/s: (\d+)$", re.M)  # pr1493 and record
 
 
@@ -330,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{VAL_CUT[args.family][0]:,} tokens" if args.family in VAL_CUT else "")
     used = {v for n in args.run_list for extra in RUNS[args.family][n][3:] for v in extra}
     variants = "".join(f"- `{name}`: {' '.join(inspect.getdoc(fn).split(': ', 1)[1].split())}\n"
-                       for name, (fn, _) in VARIANTS.items() if name in used)
+                       for name, (fn, _, _) in VARIANTS.items() if name in used)
     text = (f"## hymba_layer.py in the {args.family} host: equal steps, {len(seeds)} seeds\n\n"
             f"Command: `{'TORCH_LOCK=' + os.environ['TORCH_LOCK'] + ' ' if alone else ''}python3 bench/bench_hosts.py --family {args.family} --seeds {args.seeds}{picked} --out {relative(args.out)}`\n\n"
             f"CPU, fp32, {threads(args.family)} thread(s) per run{alone}, built-in corpus with the challenge's "

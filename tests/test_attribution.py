@@ -72,11 +72,31 @@ def test_parallel_heads_mix_normalised_attention_and_ssm_by_per_head_weights(hpa
     assert torch.allclose(out[:, :, 1], ssm[:, :, 1], atol=1e-5)  # beta_attn 0, beta_ssm 2: the SSM alone
 
 
-def test_the_variants_refuse_packed_documents_and_carried_state():
+def test_control_on_packed_documents_is_each_document_alone():
+    """Packed documents (starts marks each one's first token, as the record's varlen batches arrive): every token
+    sees only its own document through the softmax and the taps, so the packed output is each document run alone."""
+    cfg = hymba_layer.HymbaConfig(ssm_heads=2, layers=(0,), conv=4)
+    control = attribution_heads.ControlHeads(2, 1, 64, cfg)
+    with torch.no_grad():
+        control.conv_weight[:, 1:] = 0.3  # taps that reach back 3 tokens, across a boundary if not restarted
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 30, n, 64, generator=g) for n in (2, 1, 1))
+    bounds = [0, 7, 8, 19, 30]  # a one-token document among them
+    starts = torch.zeros(1, 30, dtype=torch.bool)
+    starts[0, bounds[:-1]] = True
+    packed = control(q, k, v, starts)
+    alone = torch.cat([control(q[:, a:b], k[:, a:b], v[:, a:b], None) for a, b in zip(bounds, bounds[1:])], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(control(q, k, v, None)[:, 8:], alone[:, 8:], atol=1e-3)  # unpacked: documents mix
+
+
+def test_the_variants_refuse_what_they_cannot_do():
     cfg = hymba_layer.HymbaConfig(ssm_heads=2, layers=(0,))
     q, k, v = torch.zeros(1, 8, 2, 64), torch.zeros(1, 8, 1, 64), torch.zeros(1, 8, 1, 64)
-    for heads in (attribution_heads.ControlHeads(2, 1, 64, cfg), attribution_heads.ParallelHeads(2, 1, 64, cfg)):
-        with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
-            heads(q, k, v, torch.zeros(1, 8, dtype=torch.bool))
-        with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
-            heads(q, k, v, None, carry={})
+    with pytest.raises(ValueError, match="no EVAL_CARRY_STATE"):
+        attribution_heads.ControlHeads(2, 1, 64, cfg)(q, k, v, None, carry={})
+    parallel = attribution_heads.ParallelHeads(2, 1, 64, cfg)
+    with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
+        parallel(q, k, v, torch.zeros(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dense rows without EVAL_CARRY_STATE only"):
+        parallel(q, k, v, None, carry={})

@@ -41,6 +41,7 @@ def apply_variant(record, name: str, monkeypatch) -> None:
     back after the test (monkeypatch restores the attributes the variant replaces)."""
     monkeypatch.setattr(record.Optimizers, "__init__", record.Optimizers.__init__)
     monkeypatch.setattr(record.CausalSelfAttention, "_xsa_efficient", record.CausalSelfAttention._xsa_efficient)
+    monkeypatch.setattr(record, "HybridHeads", record.HybridHeads)
     exec(bench_hosts.variant_code([name]), dict(vars(record)))
 
 
@@ -53,7 +54,8 @@ def test_the_head_size_64_families_run_the_hybrid_layer_with_xsa_on(family, host
     hybrid_block = int(bench_hosts.HYBRID["HYMBA_LAYERS"])
     assert s["NUM_LAYERS"] - s["XSA_LAST_N"] <= hybrid_block  # the host turns XSA on for its last XSA_LAST_N blocks
     assert s["ITERATIONS"] >= 200
-    assert list(bench_hosts.RUNS[family]) == [host, f"{host}+hymba", f"{host}+hymba nodecay", f"{host}+hymba xsa-attn"]
+    assert list(bench_hosts.RUNS[family]) == [host, f"{host}+hymba", f"{host}+hymba nodecay", f"{host}+hymba xsa-attn",
+                                              f"{host}+control"]
 
 
 # ----------------------------------------------------------------------------- nodecay
@@ -149,13 +151,40 @@ def test_xsa_attn_leaves_plain_attention_modules_as_the_host_has_them(record, hy
     torch.testing.assert_close(head_outputs(attn, x, weights, True), host_on, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- control
+
+def test_control_keeps_softmax_heads_with_taps_in_the_record_and_no_dynamics(record, monkeypatch):
+    """Built after the variant runs, the record's hybrid block holds the control: its only `.hymba.` parameter is the
+    taps; with identity taps every head's output is the host's own attention's, exactly; moved taps change the
+    last two heads (the SSM heads' place) and nothing else."""
+    apply_variant(record, "control", monkeypatch)
+    h = hparams(record, **SHAPE)
+    model = hybrid_record_gpt(record, h)
+    attn = model.blocks[0].attn
+    assert type(attn.hymba).__name__ == "ControlHeads"
+    assert [n for n, _ in model.named_parameters() if ".hymba." in n] == ["blocks.0.attn.hymba.conv_weight"]
+    x, weights = attention_inputs(model, 0)
+    control = head_outputs(attn, x, weights, False)
+    heads = attn.hymba
+    del attn.hymba  # the host's own kernel on every head
+    host = head_outputs(attn, x, weights, False)
+    attn.hymba = heads
+    torch.testing.assert_close(control, host, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        heads.conv_weight[:, 1] = 0.5
+    moved = head_outputs(attn, x, weights, False)
+    torch.testing.assert_close(moved[:, :, :2], host[:, :, :2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(moved[:, :, 2:], host[:, :, 2:], atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- inlining
 
 def test_variants_are_inlined_once_before_the_main_guard_of_each_host(tmp_path):
-    record = bench_hosts.with_variants(host_text("record"), ["nodecay", "xsa-attn"])
+    record = bench_hosts.with_variants(host_text("record"), ["nodecay", "xsa-attn", "control"])
     guard = record.index('\nif __name__ == "__main__":')
     assert record.index("dynamics_without_decay(Optimizers)\n") < record.index(
-        "xsa_on_attention_heads_only(CausalSelfAttention)\n") < guard
+        "xsa_on_attention_heads_only(CausalSelfAttention)\n") < record.index("class ControlHeads(") < record.index(
+        "heads_as_softmax_control(HybridHeads)\n") < guard
     script = bench_hosts.script_for("pr1493", True, tmp_path, ["xsa-attn"])  # self-extracting: inlined inside
     source, _ = patch_host.unwrap(script.read_text(encoding="utf-8"))
     assert len(re.findall(r"^xsa_on_attention_heads_only\(CausalSelfAttention\)$", source, re.M)) == 1
