@@ -4,6 +4,7 @@
     python3 bench/bench_hosts.py --family pr1493 --seeds 1337,1338 --out bench/results/hosts_pr1493
     TORCH_LOCK=/tmp/torch.lock python3 bench/bench_hosts.py --family record --seeds 1337,1338,1339 --out bench/results/hosts_record64
     TORCH_LOCK=/tmp/torch.lock python3 bench/bench_hosts.py --family pr1493_64 --seeds 1337,1338,1339 --out bench/results/hosts_pr1493_64
+    python3 bench/bench_hosts.py --family record --seeds 1337 --runs record,record+hymba --set ITERATIONS=800 --out bench/results/hosts_record64_steps800
 
 root: per seed, four runs with the same settings and data: the challenge's root train_gpt.py (a CPU
 copy, tests/host_cpu.py), the same patched with HYMBA_LAYERS=0 (tools/patch_host.py), this project's
@@ -321,7 +322,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="1337,1338")
     p.add_argument("--runs", default="", help="comma-separated names of the family's runs (default: all)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a host env var for every run over the family's settings (repeatable), e.g. ITERATIONS=800")
     args = p.parse_args(argv)
+    args.overrides = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not (eq and re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and value):
+            p.error(f"--set {item!r}: expected KEY=VALUE with an upper-case env var name, e.g. ITERATIONS=800")
+        args.overrides[key] = value
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -339,12 +348,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    SETTINGS[args.family].update(args.overrides)
     seeds = args.seed_list
     args.out.mkdir(parents=True, exist_ok=True)
     data_env = build_data(args.family, args.out / "cache")
     runs = [run_one(args.family, n, s, data_env, args.out) for s in seeds for n in args.run_list]
     settings = ", ".join(f"{k}={v}" for k, v in SETTINGS[args.family].items())
     picked = f" --runs '{args.runs}'" if args.runs else ""
+    picked += "".join(f" --set {item}" for item in args.set)
     alone = ", one run at a time (TORCH_LOCK)" if os.environ.get("TORCH_LOCK") else ""
     cut = (f", val split cut to its documents of at most {VAL_CUT[args.family][1]} tokens, in file order, within "
            f"{VAL_CUT[args.family][0]:,} tokens" if args.family in VAL_CUT else "")

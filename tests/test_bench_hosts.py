@@ -197,3 +197,11 @@ def test_a_host_without_one_main_guard_is_refused():
         bench_hosts.with_variants("x = 1\n", ["nodecay"])
     with pytest.raises(ValueError, match="found 2"):
         bench_hosts.with_variants('if __name__ == "__main__":\n    pass\nif __name__ == "__main__":\n    pass\n', ["nodecay"])
+
+
+def test_set_overrides_a_setting_and_refuses_what_is_not_key_value():
+    args = bench_hosts.parse_args(["--family", "record", "--out", "x", "--set", "ITERATIONS=800", "--set", "ADAM_WD=0"])
+    assert args.overrides == {"ITERATIONS": "800", "ADAM_WD": "0"}
+    for bad in ("ITERATIONS", "iterations=800", "ITERATIONS="):
+        with pytest.raises(SystemExit):
+            bench_hosts.parse_args(["--family", "record", "--out", "x", "--set", bad])
