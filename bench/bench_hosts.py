@@ -15,7 +15,7 @@ post-EMA score before GPTQ, after GPTQ int6 (`quantized`) and sliding-window, so
 hybrid's gain and each one's quantization gap.
 
 record: the late-April record (record_0429, CPU copy) at the challenge's head size 64, with its own optimizer,
-EMA, GPTQ and phased LoRA TTT, per seed: plain, hybrid (HYMBA_LAYERS=0, the module's defaults), and two
+EMA, GPTQ and phased LoRA TTT, per seed: plain, hybrid (HYMBA_LAYERS=0, the module's defaults), and
 three bench-only variants, each one change in the copy (never in hymba_layer.py or tools/patch_host.py):
   nodecay   the dynamics (`.hymba.` parameters) in a scalar-AdamW group of their own with weight_decay 0
             (Mamba keeps A_log, dt_bias and D out of decay; the record's ADAM_WD=0.02 pulls them to zero)
@@ -201,7 +201,7 @@ SCORES["pr1493_64"] = SCORES["pr1493"]
 PAIRS = {"root": [("root+hymba", "root"), ("this host+hymba", "this host"), ("this host", "root"), ("this host+hymba", "root+hymba")]}
 for _family, _host in (("pr1493", "pr1493"), ("pr1493_64", "pr1493"), ("record", "record")):
     _names = list(RUNS[_family])
-    PAIRS[_family] = ([(n, _host) for n in _names[1:]] + [(n, f"{_host}+hymba") for n in _names[2:4]]
+    PAIRS[_family] = ([(n, _host) for n in _names[1:]] + [(n, f"{_host}+hymba") for n in _names if n.startswith(f"{_host}+hymba ")]
                       + [(f"{_host}+hymba", f"{_host}+control")])  # the SSM heads against their control
 TRAIN_TOKS = re.compile(r"^\d+/\d+ train_loss: \S+ train_time: \S+ tok/s: (\d+)$", re.M)  # pr1493 and record
 
